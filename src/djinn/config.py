@@ -1,0 +1,87 @@
+"""One configuration object, built at the edge (CLI, environment, ``connect()`` arguments)
+and passed down. Nothing below this module reads environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from djinn.errors import InvalidRequest
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
+          "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4}
+
+
+def parse_size(text: str | int | float | None, total: int | None = None) -> int | None:
+    """Parse ``40GiB``, ``512MiB``, ``1000000`` or a fraction such as ``0.8`` (of ``total``).
+
+    Returns bytes, or None for None/"auto".
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        if str(text).strip().lower() in ("", "auto"):
+            return None
+        m = _SIZE_RE.match(str(text))
+        if not m:
+            raise InvalidRequest(f"cannot parse size {text!r}: use e.g. 40GiB, 512MiB or a fraction like 0.8")
+        value, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if unit == "" and 0 < value <= 1.0 and not float(value).is_integer():
+        if total is None:
+            raise InvalidRequest(f"size {text!r} is a fraction but the total is unknown here; give bytes (e.g. 8GiB)")
+        return int(value * total)
+    if unit not in _UNITS:
+        raise InvalidRequest(f"unknown size unit in {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def default_home() -> Path:
+    """Djinn's model cache: ``$DJINN_HOME`` or ``~/.cache/djinn``. Called only at the edge."""
+    return Path(os.environ.get("DJINN_HOME") or Path.home() / ".cache" / "djinn")
+
+
+@dataclass
+class MemoryConfig:
+    """Budgets. ``gpu_memory``: bytes Djinn may use on the device (weights + KV + workspace);
+    ``host_memory``: pinned host bytes for parked KV. None means chosen automatically."""
+
+    gpu_memory: str | int | float | None = None
+    host_memory: str | int | float | None = None
+    block_size: int = 16               # tokens per KV block (a block holds all layers)
+    kv_blocks: int | None = None       # explicit device block count (tests); overrides the budget
+    host_blocks: int | None = None     # explicit host block count (tests)
+    policy: str = "semantic"           # semantic | lru | recompute | resident
+    workspace_fraction: float = 0.10   # share of the free device budget kept for activations
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                # auto | float32 | float16 | bfloat16
+    seed: int = 0                      # seed of random-init presets
+    max_sessions: int = 4096
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5556
+    token: str | None = None
+    http_port: int | None = None
+    lease_seconds: float = 300.0       # a dropped connection's sessions live this long
+    max_message_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass
+class Config:
+    models: list[str] = field(default_factory=list)
+    home: Path = field(default_factory=default_home)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)

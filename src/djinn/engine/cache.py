@@ -1,0 +1,77 @@
+"""Djinn's KV cache as a transformers ``Cache``: storage comes from the block pool.
+
+transformers' attention modules call ``past_key_values.update(k, v, layer_idx)`` with the new
+tokens' K/V and expect the whole context's K/V back. ``PagedCache`` writes the new K/V into the
+session's blocks (through its block table) and returns the context gathered from the blocks
+(the CPU reference path; DESIGN.md "Attention reads blocks in place" for the GPU kernel).
+This is the seam that lets every transformers causal LM run on Djinn's memory unchanged.
+
+One ``PagedCache`` lives for one forward of one session: ``start`` tokens are already cached,
+``new`` tokens are being computed. During the forward ``get_seq_length`` stays ``start`` so
+masks and positions computed before layer 0 are right, whatever layers already ran.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from djinn.memory.blocks import BlockPool
+
+
+class _PagedLayer(CacheLayerMixin):
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: "PagedCache", layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage is the pool
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.owner.write_and_gather(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.start + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.start
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PagedCache(Cache):
+    """The KV of one session's forward, stored in ``pool`` blocks listed by ``block_table``."""
+
+    def __init__(self, pool: BlockPool, block_table: list[int], start: int, new: int):
+        self.pool = pool
+        self.start = start
+        self.new = new
+        bs = pool.shape.block_size
+        total = start + new
+        if len(block_table) * bs < total:
+            raise RuntimeError(f"block table holds {len(block_table) * bs} tokens, forward needs {total}")
+        device = pool.device
+        self._table = torch.tensor(block_table[: -(-total // bs)], dtype=torch.long, device=device)
+        pos = torch.arange(start, total, device=device)
+        self._write_blocks = self._table[pos // bs]
+        self._write_offsets = pos % bs
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.shape.num_layers)])
+
+    def write_and_gather(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Store the new tokens' K/V of ``layer``; return the context's K/V as [1, H, T, D]."""
+        if key_states.shape[0] != 1 or key_states.shape[-2] != self.new:
+            raise RuntimeError(f"paged cache expects [1, H, {self.new}, D], got {tuple(key_states.shape)}")
+        total = self.start + self.new
+        out = []
+        for kv, states in ((0, key_states), (1, value_states)):
+            view = self.pool.layer_view(layer, kv)  # [NB, bs, H, D]
+            view[self._write_blocks, self._write_offsets] = states[0].transpose(0, 1).to(view.dtype)
+            ctx = view[self._table].flatten(0, 1)[:total]  # [T, H, D]
+            out.append(ctx.transpose(0, 1).unsqueeze(0))
+        return out[0], out[1]

@@ -1,0 +1,249 @@
+"""The engine: loaded models, server-resident sessions, and generation.
+
+Public methods are thread-safe: they run their work on the engine loop (one thread owns the
+device) and wait for it. Methods whose name starts with ``_`` run on the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from djinn.config import EngineConfig
+from djinn.engine.cache import PagedCache
+from djinn.engine.chat import turn_text
+from djinn.engine.loop import EngineLoop
+from djinn.engine.requests import GenerateRequest, GenerateResult
+from djinn.engine.runtime import ModelRuntime
+from djinn.engine.sampling import Sampler
+from djinn.engine.session import Phase, Session
+from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
+from djinn.memory.budget import plan
+
+
+@dataclass
+class _Turn:
+    """One generate call in progress on the loop."""
+
+    session: Session
+    runtime: ModelRuntime
+    new_tokens: list[int]
+
+
+class Engine:
+    def __init__(self, models: dict, config: EngineConfig | None = None):
+        """``models``: name -> djinn.models.LoadedModel, already on the engine's device."""
+        if not models:
+            raise InvalidRequest("an engine needs at least one model")
+        self.config = config or EngineConfig()
+        mem = self.config.memory
+        first = next(iter(models.values()))
+        weight_bytes = sum(m.weight_bytes() for m in models.values())
+        self.budget = plan(mem, first.device, weight_bytes)
+        self.runtimes: dict[str, ModelRuntime] = {}
+        share = self.budget.kv_bytes // len(models)
+        for name, loaded in models.items():
+            block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
+            blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, share // block_bytes)
+            self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks)
+        self.sessions: dict[str, Session] = {}
+        self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
+        self.loop = EngineLoop()
+
+    # ---- public, thread-safe ---------------------------------------------------------
+    def open_session(self, model: str, owner: str | None = None) -> str:
+        return self.loop.call(self._open_session, model, owner)
+
+    def generate(self, session_id: str, request: GenerateRequest, owner: str | None = None) -> GenerateResult:
+        submitted = time.perf_counter()
+        return self.loop.call(self._generate, session_id, request, owner, submitted)
+
+    def close_session(self, session_id: str, owner: str | None = None) -> None:
+        self.loop.call(self._close_session, session_id, owner)
+
+    def session_info(self, session_id: str, owner: str | None = None) -> dict:
+        return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
+
+    def stats(self) -> dict:
+        return self.loop.call(self._stats)
+
+    def shutdown(self) -> None:
+        try:
+            self.loop.call(self._close_all)
+        finally:
+            self.loop.shutdown()
+
+    # ---- loop side -------------------------------------------------------------------
+    def runtime(self, model: str) -> ModelRuntime:
+        rt = self.runtimes.get(model)
+        if rt is None:
+            raise ModelNotFound(f"model {model!r} is not loaded here; loaded: {', '.join(self.runtimes)}")
+        return rt
+
+    def _session(self, session_id: str, owner: str | None) -> Session:
+        if not isinstance(session_id, str):
+            raise InvalidRequest("session id must be a string")
+        s = self.sessions.get(session_id)
+        if s is None or (s.owner is not None and s.owner != owner):
+            raise SessionNotFound(f"no session {session_id!r}: it never existed, was closed, or is not yours")
+        return s
+
+    def _open_session(self, model: str, owner: str | None) -> str:
+        self.runtime(model)
+        if len(self.sessions) >= self.config.max_sessions:
+            raise CapacityError(f"too many sessions ({self.config.max_sessions}); close some first")
+        s = Session(model=model, owner=owner)
+        self.sessions[s.id] = s
+        return s.id
+
+    def _close_session(self, session_id: str, owner: str | None) -> None:
+        s = self._session(session_id, owner)
+        self._free_kv(s)
+        s.phase = Phase.CLOSED
+        del self.sessions[s.id]
+
+    def _close_all(self) -> None:
+        for sid in list(self.sessions):
+            self._close_session(sid, self.sessions[sid].owner)
+
+    def _free_kv(self, s: Session) -> None:
+        if s.block_table:
+            self.runtime(s.model).pool.release(s.block_table)
+        s.block_table = []
+        s.num_cached = 0
+
+    def _ensure_blocks(self, s: Session, rt: ModelRuntime, tokens: int) -> None:
+        need = rt.kv.blocks_for(tokens) - len(s.block_table)
+        if need > 0:
+            s.block_table.extend(rt.pool.allocate(need))
+
+    def _prompt_tokens(self, s: Session, rt: ModelRuntime, req: GenerateRequest) -> tuple[list[int], list[dict]]:
+        """Token ids this turn appends, and the chat messages it adds (if templated)."""
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("empty prompt: give some text or token ids")
+            chat = rt.loaded.is_chat if req.chat is None else req.chat
+            if chat:
+                new_msgs = [{"role": "user", "content": prompt}]
+                text = turn_text(rt.tokenizer, s.messages, new_msgs, s.ended_with_eos)
+                return rt.tokenizer.encode(text, add_special_tokens=False), new_msgs
+            return rt.tokenizer.encode(prompt, add_special_tokens=not s.tokens), []
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequest("prompt must be a non-empty string or a non-empty list of token ids")
+        vocab = rt.loaded.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise InvalidRequest(f"token ids must be integers in [0, {vocab})")
+        return list(prompt), []
+
+    def _generate(self, session_id: str, req: GenerateRequest, owner: str | None, submitted: float) -> GenerateResult:
+        started = time.perf_counter()
+        s = self._session(session_id, owner)
+        if s.phase is Phase.PAUSED:
+            raise InvalidRequest("the session is paused at a breakpoint: resume it first")
+        rt = self.runtime(s.model)
+        params = req.params
+        params.validate()
+        new, new_msgs = self._prompt_tokens(s, rt, req)
+        total_prompt = len(s.tokens) + len(new)
+        if total_prompt >= rt.max_context:
+            raise InvalidRequest(
+                f"prompt too long: the session would hold {total_prompt} tokens, the model's context is "
+                f"{rt.max_context}; start a new session or shorten the prompt"
+            )
+        cached = s.num_cached
+        history_len = len(s.tokens)
+        s.tokens.extend(new)
+        try:
+            result = self._run_turn(s, rt, params, started)
+        except BaseException:
+            # leave the session exactly as before the turn (its KV past num_cached is garbage)
+            del s.tokens[history_len:]
+            s.num_cached = min(s.num_cached, cached)
+            raise
+        s.messages.extend(new_msgs)
+        if new_msgs:
+            s.messages.append({"role": "assistant", "content": result.text})
+        s.turns += 1
+        s.touch()
+        result.prompt_tokens = len(new)
+        result.cached_tokens = cached
+        result.session_id = s.id
+        result.timings["queue_ms"] = (started - submitted) * 1e3
+        result.timings.setdefault("restore_ms", 0.0)
+        result.timings["total_ms"] = (time.perf_counter() - submitted) * 1e3
+        self.counters["turns"] += 1
+        self.counters["tokens_generated"] += len(result.token_ids)
+        return result
+
+    @torch.inference_mode()
+    def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float) -> GenerateResult:
+        device = rt.device
+        sampler = Sampler(params, device)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(rt.eos_ids()))
+        out: list[int] = []
+        computed = 0
+        finish = "length"
+        text = None
+        t_prefill = None
+        while True:
+            pending = s.tokens[s.num_cached:]
+            self._ensure_blocks(s, rt, len(s.tokens))
+            cache = PagedCache(rt.pool, s.block_table, s.num_cached, len(pending))
+            ids = torch.tensor([pending], dtype=torch.long, device=device)
+            logits = rt.executor.forward(cache, ids)
+            s.num_cached += len(pending)
+            computed += len(pending)
+            nxt = int(sampler(logits[-1:])[0])
+            if t_prefill is None:
+                t_prefill = time.perf_counter()
+            out.append(nxt)
+            s.tokens.append(nxt)
+            if nxt in stop_ids:
+                finish = "stop"
+                break
+            if params.stop:
+                text = rt.tokenizer.decode(out, skip_special_tokens=True)
+                hit = min((text.find(x) for x in params.stop if x in text), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], "stop"
+                    break
+            if len(out) >= params.max_new_tokens or len(s.tokens) >= rt.max_context:
+                break
+        end = time.perf_counter()
+        s.ended_with_eos = finish == "stop" and out[-1] in stop_ids
+        s.tokens_computed += computed
+        self.counters["tokens_computed"] += computed
+        if text is None:
+            text = rt.tokenizer.decode(out, skip_special_tokens=True)
+        return GenerateResult(
+            token_ids=out, text=text, finish_reason=finish, prompt_tokens=0, cached_tokens=0,
+            computed_tokens=computed,
+            timings={"prefill_ms": (t_prefill - started) * 1e3, "decode_ms": (end - t_prefill) * 1e3,
+                     "compute_ms": (end - started) * 1e3},
+        )
+
+    def _describe(self, s: Session) -> dict:
+        rt = self.runtime(s.model)
+        return {"session_id": s.id, "model": s.model, "phase": s.phase.value, "tokens": len(s.tokens),
+                "kv_tokens": s.num_cached, "kv_blocks": len(s.block_table), "kv_location": "device" if s.block_table else "none",
+                "kv_bytes": len(s.block_table) * rt.kv.block_bytes, "turns": s.turns}
+
+    def _stats(self) -> dict:
+        weights = {n: rt.loaded.weight_bytes() for n, rt in self.runtimes.items()}
+        kv_used = sum(rt.pool.used_bytes for rt in self.runtimes.values())
+        kv_total = sum(rt.pool.total_bytes for rt in self.runtimes.values())
+        phases: dict[str, int] = {}
+        for s in self.sessions.values():
+            phases[s.phase.value] = phases.get(s.phase.value, 0) + 1
+        return {
+            "device": str(next(iter(self.runtimes.values())).device),
+            "memory": {"weights": sum(weights.values()), "weights_by_model": weights, "kv_device": kv_used,
+                       "kv_device_capacity": kv_total, "kv_parked": 0},
+            "sessions": len(self.sessions), "sessions_by_phase": phases,
+            "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
+                          for n, rt in self.runtimes.items()},
+            **self.counters,
+        }

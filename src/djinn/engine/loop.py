@@ -1,0 +1,59 @@
+"""The engine loop: one thread owns the device and runs submitted work in order.
+
+Any number of callers (embedded client, server connections) submit callables and wait on
+futures; only the loop thread touches models, KV pools and sessions, so none of that state
+needs a lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from djinn.errors import Cancelled
+
+
+class EngineLoop:
+    def __init__(self, name: str = "djinn-engine"):
+        self._queue: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args, **kwargs) -> Future:
+        fut: Future = Future()
+        if self._stopping:
+            fut.set_exception(Cancelled("the engine is shutting down"))
+            return fut
+        self._queue.put((fn, args, kwargs, fut))
+        return fut
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Run ``fn`` on the loop and wait for it (directly, if already on the loop)."""
+        if self.in_loop():
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args, kwargs, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # delivered to the caller, the loop keeps going
+                fut.set_exception(exc)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
