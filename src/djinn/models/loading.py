@@ -1,0 +1,178 @@
+"""Turning a model name into a ready ``LoadedModel``.
+
+Owns weight materialisation. Whatever the source, a ``LoadedModel`` holds a transformers
+``*ForCausalLM`` in eval mode with ``requires_grad`` off, every tensor on ``device``, and
+a tokenizer (never None).
+
+Random-init presets are built on the meta device and materialised directly on the target
+device, so a 13B shape never needs a host copy. Initialisation is transformers' own
+(``init_weights``): it also recomputes non-persistent buffers such as rotary ``inv_freq``,
+which ``to_empty`` leaves as garbage, and re-ties tied embeddings. Invariants:
+
+- same preset + seed + device + dtype => bitwise identical weights;
+- the caller's RNG state is left as it was;
+- no tensor is left uninitialised (checked: everything is filled with NaN first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.utils import logging as hf_logging
+
+from djinn.errors import InvalidRequest, UnsupportedModel
+from djinn.models import registry
+from djinn.models.tokenizer import byte_tokenizer, fix_special_tokens
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run. Cheap to print: the module tree is left out of ``repr``."""
+
+    name: str                  # what the user asked for: a preset, a cached name, or a path
+    model: torch.nn.Module = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    config: Any = field(repr=False)
+    device: torch.device
+    dtype: torch.dtype
+    is_chat: bool              # the tokenizer carries a chat template meant for chat
+    source: str                # "preset" | "cache" | "local-dir" | "gguf"
+
+    def weight_bytes(self) -> int:
+        """Bytes of all parameters and buffers; tensors sharing memory (tied) count once."""
+        seen: set[int] = set()
+        total = 0
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            ptr = tensor.data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            total += tensor.numel() * tensor.element_size()
+        return total
+
+
+def resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """None means float32 on CPU and float16 on an accelerator."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidRequest(f"dtype must be a floating torch.dtype (float32, float16, bfloat16), got {dtype!r}")
+    return dtype
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' progress bars on or off for the block."""
+    # transformers only has a process-wide switch; restore whatever was set before.
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        (hf_logging.disable_progress_bar if was_disabled else hf_logging.enable_progress_bar)()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type != "cpu" else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_random(config: PretrainedConfig, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised ``*ForCausalLM`` for ``config``, built straight on ``device``."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+        with _seeded(seed, device):
+            model.init_weights()
+        missed = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if missed:
+        raise UnsupportedModel(f"{type(model).__name__}: transformers' init left {len(missed)} tensors "
+                               f"uninitialised after meta-device construction (e.g. {missed[0]})")
+    return model
+
+
+def _from_pretrained(directory: Path, *, dtype: torch.dtype, gguf_file: str | None) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": None}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa", **kwargs)
+        except (ValueError, ImportError) as exc:
+            if "sdpa" not in str(exc).lower():
+                raise
+            return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        where = directory / gguf_file if gguf_file else directory
+        raise UnsupportedModel(f"cannot load {where} as a causal language model: {exc}") from exc
+
+
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Forget that weights came from a quantized GGUF: they are dequantized on load, and a
+    model still marked quantized refuses ``save_pretrained`` and some moves."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _load_local(ref: registry.ModelRef, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    assert ref.path is not None
+    if ref.source == registry.SOURCE_GGUF:
+        directory, gguf_file = ref.path.parent, ref.path.name
+        model = plain_model(_from_pretrained(directory, dtype=dtype, gguf_file=gguf_file))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    else:
+        model = _from_pretrained(ref.path, dtype=dtype, gguf_file=None)
+        tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    if tokenizer is None:
+        raise UnsupportedModel(f"{ref.path} has no tokenizer transformers can load")
+    fix_special_tokens(tokenizer, model.config)
+    return model, tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    home: Path,
+    seed: int = 0,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load ``name`` (a preset, a cached model, a model directory or a .gguf file) onto
+    ``device``. ``seed`` only matters for presets. Raises ModelNotFound / UnsupportedModel."""
+    device = torch.device(device)
+    dtype = resolve_dtype(device, dtype)
+    ref = registry.resolve(name, home)
+    if ref.source == registry.SOURCE_PRESET:
+        assert ref.preset is not None
+        model = build_random(ref.preset.make_config(), device=device, dtype=dtype, seed=seed)
+        tokenizer, is_chat = byte_tokenizer(), False
+    else:
+        with progress_bars(progress):
+            model, tokenizer = _load_local(ref, dtype)
+        model.to(device)
+        is_chat = getattr(tokenizer, "chat_template", None) is not None
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, config=model.config, device=device,
+                       dtype=dtype, is_chat=is_chat, source=ref.source)
