@@ -33,24 +33,32 @@ class _Turn:
 
 
 class Engine:
-    def __init__(self, models: dict, config: EngineConfig | None = None):
-        """``models``: name -> djinn.models.LoadedModel, already on the engine's device."""
-        if not models:
-            raise InvalidRequest("an engine needs at least one model")
+    def __init__(self, models: dict | None = None, config: EngineConfig | None = None):
+        """``models``: name -> djinn.models.LoadedModel, already on the engine's device.
+        More can be added later with ``add_model``."""
         self.config = config or EngineConfig()
-        mem = self.config.memory
-        first = next(iter(models.values()))
-        weight_bytes = sum(m.weight_bytes() for m in models.values())
-        self.budget = plan(mem, first.device, weight_bytes)
         self.runtimes: dict[str, ModelRuntime] = {}
-        share = self.budget.kv_bytes // len(models)
-        for name, loaded in models.items():
-            block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
-            blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, share // block_bytes)
-            self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks)
         self.sessions: dict[str, Session] = {}
         self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
         self.loop = EngineLoop()
+        for name, loaded in (models or {}).items():
+            self.add_model(name, loaded)
+
+    def add_model(self, name: str, loaded) -> None:
+        """Register a loaded model and allocate its KV pool from what the budget has left."""
+        self.loop.call(self._add_model, name, loaded)
+
+    def _add_model(self, name: str, loaded) -> None:
+        if name in self.runtimes:
+            raise InvalidRequest(f"model {name!r} is already loaded")
+        mem = self.config.memory
+        weights = sum(rt.loaded.weight_bytes() for rt in self.runtimes.values()) + loaded.weight_bytes()
+        kv_taken = sum(rt.pool.total_bytes for rt in self.runtimes.values())
+        budget = plan(mem, loaded.device, weights + kv_taken)
+        block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
+        blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, budget.kv_bytes // block_bytes)
+        self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks)
+        self.budget = budget
 
     # ---- public, thread-safe ---------------------------------------------------------
     def open_session(self, model: str, owner: str | None = None) -> str:
@@ -62,6 +70,9 @@ class Engine:
 
     def close_session(self, session_id: str, owner: str | None = None) -> None:
         self.loop.call(self._close_session, session_id, owner)
+
+    def signal_phase(self, session_id: str, phase: str, owner: str | None = None) -> None:
+        self.loop.call(self._signal_phase, session_id, phase, owner)
 
     def session_info(self, session_id: str, owner: str | None = None) -> dict:
         return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
@@ -103,6 +114,15 @@ class Engine:
         self._free_kv(s)
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
+
+    def _signal_phase(self, session_id: str, phase: str, owner: str | None) -> None:
+        s = self._session(session_id, owner)
+        if phase not in (Phase.IO_WAIT.value, Phase.ACTIVE.value):
+            raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
+        if s.phase is Phase.PAUSED:
+            raise InvalidRequest("the session is paused at a breakpoint: resume it before signalling a phase")
+        s.phase = Phase(phase)
+        s.touch()
 
     def _close_all(self) -> None:
         for sid in list(self.sessions):

@@ -1,0 +1,116 @@
+"""The ``djinn`` command. Builds a ``Config`` from arguments and the environment (the only
+place that reads ``DJINN_*`` variables) and hands it to the part that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home
+from djinn.errors import DjinnError
+
+BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
+    p.add_argument("--gpu-memory", default=None, help="device budget: 40GiB, 512MiB or a fraction like 0.8")
+    p.add_argument("--host-memory", default=None, help="pinned host memory for parked KV, e.g. 64GiB")
+    p.add_argument("--policy", default="semantic", choices=["semantic", "lru", "recompute", "resident"])
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random-init presets")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    mem = MemoryConfig(gpu_memory=getattr(args, "gpu_memory", None), host_memory=getattr(args, "host_memory", None),
+                       policy=getattr(args, "policy", "semantic"), block_size=getattr(args, "block_size", 16))
+    engine = EngineConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
+                          seed=getattr(args, "seed", 0), memory=mem)
+    server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 5556),
+                          token=getattr(args, "token", None) or os.environ.get("DJINN_TOKEN"),
+                          http_port=getattr(args, "http_port", None))
+    return Config(models=list(getattr(args, "model", None) or []), home=default_home(), engine=engine, server=server)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="djinn", description="A GPU server that many LLM sessions share.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the embedded demo (server and client in this process)")
+    demo.add_argument("--model", default=None, help="model to use (default: smollm2-135m if pulled, else tiny-llama)")
+    _engine_args(demo)
+
+    serve = sub.add_parser("serve", help="serve models to remote clients")
+    serve.add_argument("--model", action="append", required=True, help="model to load (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5556)
+    serve.add_argument("--token", default=None, help="shared secret clients must present (or DJINN_TOKEN)")
+    serve.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API")
+    serve.add_argument("--offload", action="store_true", help="stream weights from host memory")
+    serve.add_argument("--stream-slots", type=int, default=None, help="device ring slots for weight streaming")
+    _engine_args(serve)
+
+    models = sub.add_parser("models", help="list or fetch models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="presets and models in the local cache")
+    pull = msub.add_parser("pull", help="fetch a model into the local cache (once; offline after)")
+    pull.add_argument("name")
+
+    bench = sub.add_parser("bench", help="reproducible experiments (JSON + PNG out)")
+    bench.add_argument("name", choices=BENCHES)
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see djinn bench NAME --help)")
+    return parser
+
+
+def _models(args: argparse.Namespace) -> int:
+    from djinn.models import list_models, pull
+
+    home = default_home()
+    if args.models_command == "pull":
+        path = pull(args.name, home)
+        print(f"{args.name} is in {path}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Models (cache: {home / 'models'})")
+    for col in ("name", "kind", "params", "description"):
+        table.add_column(col)
+    for row in list_models(home):
+        params = row.get("params")
+        table.add_row(row["name"], row["kind"], f"{params / 1e6:,.0f}M" if params else "", row.get("description", ""))
+    Console().print(table)
+    print("Add a model: a local transformers directory or .gguf file by path, or `djinn models pull smollm2-135m`.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            return _models(args)
+        if args.command == "demo":
+            from djinn.demo import run_demo
+
+            return run_demo(_config(args), model=args.model)
+        if args.command == "serve":
+            from djinn.server import serve
+
+            return serve(_config(args), offload=args.offload, stream_slots=args.stream_slots)
+        if args.command == "bench":
+            module = importlib.import_module(f"djinn.bench.{args.name}")
+            return module.main(args.rest)
+    except DjinnError as exc:
+        print(f"djinn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The embedded backend: an engine in this process behind the client interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from djinn.client.backend import Backend
+from djinn.config import Config
+from djinn.engine import Engine, GenerateRequest, GenerateResult
+from djinn.errors import InvalidRequest
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16") from None
+
+
+class EmbeddedBackend(Backend):
+    """Loads models on first use (or up front) into one in-process engine."""
+
+    def __init__(self, config: Config, engine: Engine | None = None):
+        self.config = config
+        self.device = resolve_device(config.engine.device)
+        self.dtype = resolve_dtype(config.engine.dtype, self.device)
+        self.engine = engine or Engine(config=config.engine)
+        self._owns_engine = engine is None
+        for name in config.models:
+            self._ensure(name)
+
+    def _ensure(self, name: str) -> None:
+        if name not in self.engine.runtimes:
+            from djinn.models import load_model
+
+            loaded = load_model(name, device=self.device, dtype=self.dtype, home=self.config.home,
+                                seed=self.config.engine.seed)
+            self.engine.add_model(name, loaded)
+
+    def model_info(self, name: str) -> dict[str, Any]:
+        self._ensure(name)
+        rt = self.engine.runtimes[name]
+        return {"name": name, "config": rt.loaded.config, "tokenizer": rt.tokenizer,
+                "num_layers": rt.arch.num_layers, "is_chat": rt.loaded.is_chat}
+
+    def open_session(self, model: str) -> str:
+        self._ensure(model)
+        return self.engine.open_session(model)
+
+    def generate(self, session_id: str, request: GenerateRequest) -> GenerateResult:
+        return self.engine.generate(session_id, request)
+
+    def signal_phase(self, session_id: str, phase: str) -> None:
+        self.engine.signal_phase(session_id, phase)
+
+    def session_info(self, session_id: str) -> dict[str, Any]:
+        return self.engine.session_info(session_id)
+
+    def close_session(self, session_id: str) -> None:
+        self.engine.close_session(session_id)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self.engine.shutdown()

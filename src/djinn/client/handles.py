@@ -1,0 +1,139 @@
+"""What users hold: ``Client``, ``Model`` and ``Session`` handles.
+
+State lives on the server (or the in-process engine); a handle is a name plus a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from djinn.client.backend import Backend
+from djinn.engine.requests import GenerateRequest, GenerateResult
+from djinn.engine.sampling import SamplingParams
+from djinn.errors import InvalidRequest, SessionClosed
+
+PHASES = ("ACTIVE", "IO_WAIT")
+
+
+class Session:
+    """A server-resident conversation: token history and KV cache stay on the server."""
+
+    def __init__(self, model: "Model", session_id: str):
+        self.model = model
+        self.id = session_id
+        self._closed = False
+
+    @property
+    def _backend(self) -> Backend:
+        if self._closed:
+            raise SessionClosed(f"session {self.id} is closed; open a new one with model.session()")
+        return self.model.client._backend
+
+    def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+                 chat: bool | None = None, ignore_eos: bool = False) -> GenerateResult:
+        """Continue the session with ``prompt`` and generate. Text in (chat-templated for chat
+        models unless ``chat=False``) or token ids in; returns text, token ids and timings."""
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.reshape(-1).tolist()
+        if isinstance(stop, str):
+            stop = [stop]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                                top_k=top_k, seed=seed, stop=list(stop or []),
+                                stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
+        params.validate()
+        return self._backend.generate(self.id, GenerateRequest(prompt=prompt, params=params, chat=chat))
+
+    def signal_phase(self, phase: str) -> None:
+        """``IO_WAIT``: the client is busy (a tool call), the KV may leave the GPU now.
+        ``ACTIVE``: it is coming back; the KV is brought back ahead of the next request."""
+        if phase not in PHASES:
+            raise InvalidRequest(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
+        self._backend.signal_phase(self.id, phase)
+
+    @contextlib.contextmanager
+    def io_wait(self) -> Iterator[None]:
+        """``with sess.io_wait(): run_tool()`` signals IO_WAIT before and ACTIVE after."""
+        self.signal_phase("IO_WAIT")
+        try:
+            yield
+        finally:
+            if not self._closed:
+                self.signal_phase("ACTIVE")
+
+    def info(self) -> dict[str, Any]:
+        """Where the session's state lives: phase, tokens, KV blocks and their location."""
+        return self._backend.session_info(self.id)
+
+    def close(self) -> None:
+        """Free everything the session holds on the server. Closing twice is harmless."""
+        if not self._closed:
+            self.model.client._backend.close_session(self.id)
+            self._closed = True
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session({self.id[:8]}, model={self.model.name!r}{', closed' if self._closed else ''})"
+
+
+class Model:
+    """A model handle: config, tokenizer and layer count; the weights stay on the server."""
+
+    def __init__(self, client: "Client", info: dict[str, Any]):
+        self.client = client
+        self.name: str = info["name"]
+        self.config = info["config"]
+        self.tokenizer = info["tokenizer"]
+        self.num_layers: int = info["num_layers"]
+        self.is_chat: bool = info["is_chat"]
+        self._module = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The architecture on torch's meta device: every name and shape, zero weight bytes."""
+        if self._module is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self._module = AutoModelForCausalLM.from_config(self.config)
+        return self._module
+
+    def session(self) -> Session:
+        """Open a new server-resident session."""
+        return Session(self, self.client._backend.open_session(self.name))
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, layers={self.num_layers})"
+
+
+class Client:
+    def __init__(self, backend: Backend):
+        self._backend = backend
+        self._models: dict[str, Model] = {}
+
+    def model(self, name: str) -> Model:
+        if name not in self._models:
+            self._models[name] = Model(self, self._backend.model_info(name))
+        return self._models[name]
+
+    def stats(self) -> dict[str, Any]:
+        """Memory by segment, sessions by phase, swaps and bytes moved."""
+        return self._backend.stats()
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

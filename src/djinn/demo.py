@@ -1,0 +1,81 @@
+"""``djinn demo``: the embedded default, server and client in one process.
+
+Shows a chat answer, a second turn that continues the same server-resident session (only the
+new tokens are computed), a second session sharing the same weights, and for every step where
+each session's state lives and how long the step took.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from djinn.client import Client
+from djinn.client.embedded import EmbeddedBackend
+from djinn.config import Config
+
+REAL_MODEL = "smollm2-135m"
+FALLBACK = "tiny-llama"
+
+
+def _pick_model(config: Config, asked: str | None) -> tuple[str, bool]:
+    if asked:
+        return asked, True
+    return (REAL_MODEL, True) if (config.home / "models" / REAL_MODEL / "config.json").exists() else (FALLBACK, False)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def run_demo(config: Config, model: str | None = None) -> int:
+    console = Console()
+    name, real = _pick_model(config, model)
+    if not real:
+        console.print(f"[yellow]{REAL_MODEL} is not in the model cache ({config.home / 'models'}); running on the "
+                      f"random-weight preset {FALLBACK}, whose text is gibberish.[/]\n"
+                      f"Get the real model once with: [bold]djinn models pull {REAL_MODEL}[/]\n")
+    t0 = time.perf_counter()
+    config.models = [name]
+    client = Client(EmbeddedBackend(config))
+    m = client.model(name)
+    stats = client.stats()
+    console.print(f"Loaded [bold]{name}[/] ({m.num_layers} layers) on {stats['device']} in "
+                  f"{time.perf_counter() - t0:.1f} s: weights {_mib(stats['memory']['weights'])}, "
+                  f"KV pool {_mib(stats['memory']['kv_device_capacity'])}")
+
+    table = Table(title="Each step: where the session's state lives and what it cost")
+    for col in ("step", "session", "prompt tok", "reused (cached)", "computed", "KV on device", "time"):
+        table.add_column(col)
+
+    def show(step: str, sess, out, prompt_text: str) -> None:
+        info = sess.info()
+        console.print(f"\n[bold cyan]{step}[/] [dim](session {sess.id[:8]})[/]\n[green]user:[/] {prompt_text}\n"
+                      f"[magenta]assistant:[/] {out.text.strip()}")
+        table.add_row(step, sess.id[:8], str(out.prompt_tokens), str(out.cached_tokens), str(out.computed_tokens),
+                      f"{info['kv_tokens']} tok in {info['kv_blocks']} blocks ({_mib(info['kv_bytes'])})",
+                      f"{out.timings['total_ms']:.0f} ms")
+
+    a = m.session()
+    q1 = "What is the capital of France? Answer in one sentence."
+    show("1. first turn", a, a.generate(q1, max_new_tokens=40), q1)
+    q2 = "And what is the capital of Italy?"
+    show("2. same session, next turn", a, a.generate(q2, max_new_tokens=40), q2)
+    b = m.session()
+    q3 = "Name three colours of the rainbow."
+    show("3. second session, same weights", b, b.generate(q3, max_new_tokens=40), q3)
+
+    console.print()
+    console.print(table)
+    stats = client.stats()
+    mem = stats["memory"]
+    console.print(f"Weights loaded once for {stats['sessions']} sessions: {_mib(mem['weights'])}; "
+                  f"KV on device {_mib(mem['kv_device'])}, KV parked in host memory {_mib(mem['kv_parked'])}; "
+                  f"sessions by phase {stats['sessions_by_phase']}")
+    a.close()
+    b.close()
+    client.close()
+    console.print(f"Done in {time.perf_counter() - t0:.1f} s.")
+    return 0

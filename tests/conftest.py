@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models loaded once per test session, SmolLM2 if it was pulled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn.config import default_home
+from djinn.models import load_model
+
+SMOLLM2 = "smollm2-135m"
+
+
+def smollm2_available() -> bool:
+    return (default_home() / "models" / SMOLLM2 / "config.json").exists()
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                      reason=f"{SMOLLM2} not in the model cache: run `djinn models pull {SMOLLM2}`")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+_CACHE: dict = {}
+
+
+def loaded(name: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A LoadedModel shared across tests (loading is the slow part)."""
+    key = (name, device, dtype)
+    if key not in _CACHE:
+        _CACHE[key] = load_model(name, device=torch.device(device), dtype=dtype, home=default_home(), progress=False)
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return loaded("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return loaded("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not smollm2_available():
+        pytest.skip(f"{SMOLLM2} not in the model cache: run `djinn models pull {SMOLLM2}`")
+    return loaded(SMOLLM2)
