@@ -1,0 +1,1 @@
+"""Reproducible experiments: one module per ``djinn bench`` name, each with ``main(argv)``."""
