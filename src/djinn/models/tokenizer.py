@@ -69,17 +69,17 @@ def fix_special_tokens(tokenizer: Any, config: Any) -> None:
 
     transformers' GGUF tokenizer conversion reports SmolLM2's EOS as ``<|im_start|>``
     (the BOS) although the GGUF metadata and the model config say ``<|im_end|>``; stop
-    conditions built on ``tokenizer.eos_token_id`` would then never fire. The config's ids
-    win. A missing PAD becomes the EOS, as Llama-family chat models do.
+    conditions built on ``tokenizer.eos_token_id`` would then never fire. Where they
+    disagree the config's id wins. A missing PAD becomes the EOS, as Llama-family chat
+    models do.
     """
     for attr in ("bos", "eos", "pad"):
-        token_id = getattr(config, f"{attr}_token_id", None)
-        if isinstance(token_id, list):
-            token_id = token_id[0] if token_id else None
-        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
-            token = tokenizer.convert_ids_to_tokens(token_id)
-            if getattr(tokenizer, f"{attr}_token_id") != token_id:
-                setattr(tokenizer, f"{attr}_token", token)
+        wanted = getattr(config, f"{attr}_token_id", None)
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        allowed = [i for i in allowed if isinstance(i, int) and 0 <= i < len(tokenizer)]
+        # A config may list several stop ids (Llama-3); the tokenizer's choice stands if listed.
+        if allowed and getattr(tokenizer, f"{attr}_token_id") not in allowed:
+            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(allowed[0]))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     # Cleanup of spaces before punctuation corrupts byte-level BPE output.
