@@ -50,6 +50,8 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 2**20  # a large tokenizer.json travels in model
 TENSORS_KEY = "tensors"
 _IOV_BATCH = 512  # below IOV_MAX (1024 on Linux)
 _WRITE_CHUNK = 1 << 20
+# 3.12 made writelines gather memoryviews into sendmsg; 3.11's joins them into one bytes first
+_WRITELINES_GATHERS = sys.version_info >= (3, 12)
 
 
 @dataclass
@@ -155,6 +157,9 @@ def decode_header(data: bytes, payload_len: int, max_bytes: int) -> tuple[dict[s
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises ValueError, UnicodeDecodeError, StackError...
+        if "max_ext_len" in str(exc):
+            raise ProtocolError("msgpack extension types (timestamps included) are not allowed "
+                                "in a header") from None
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
@@ -233,11 +238,11 @@ async def write_message(writer: asyncio.StreamWriter, header: dict[str, Any],
     Python >= 3.12 the transport may still hold zero-copy views of their tails."""
     pieces = encode_message(header, tensors)
     try:
-        if sys.version_info >= (3, 12):
+        if _WRITELINES_GATHERS:
             writer.writelines(pieces)  # sendmsg of memoryviews, no concatenation
         else:
-            # 3.11's writelines joins everything (a full copy): write chunk by chunk; the
-            # transport copies only what the kernel did not take at once (one copy at most)
+            # write chunk by chunk instead: the transport copies only what the kernel did
+            # not take at once (one copy at most), and its buffer stays ~1 MiB
             for piece in pieces:
                 view = memoryview(piece).cast("B")
                 for start in range(0, len(view), _WRITE_CHUNK):
