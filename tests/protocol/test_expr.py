@@ -148,6 +148,7 @@ def test_depth_and_node_limits():
         wide = wide + wide  # 2**61 nodes if expanded: encode stops at the limit instead
     with pytest.raises(InvalidRequest, match="more than 256 nodes"):
         wide.encode([])
+    assert wide.ref_ids() == ["h"] and "..." in repr(wide)  # neither walks 2**60 nodes
     with pytest.raises(InvalidRequest, match="more than 4 nodes"):
         validate_expr((Expr.ref("h") + 1 + 2).encode([]), max_nodes=4)
 

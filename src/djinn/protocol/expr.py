@@ -286,14 +286,15 @@ class Expr:
     def ref_ids(self) -> list[str]:
         """The ids of the remote tensors the expression reads, in first-use order."""
         out: list[str] = []
-
-        def walk(node: dict) -> None:
+        stack, seen = [self._node], set()
+        while stack:  # iterative, and each shared node once: x = x + x builds a DAG
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             if "ref" in node and node["ref"] not in out:
                 out.append(node["ref"])
-            for a in node.get("args", ()):
-                walk(a)
-
-        walk(self._node)
+            stack.extend(reversed(node.get("args", ())))
         return out
 
     def _binary(self, op: str, other: Any, reverse: bool = False) -> "Expr":
@@ -368,7 +369,7 @@ class Expr:
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        return f"Expr({_fmt(self._node)})"
+        return f"Expr({_fmt(self._node, [64])})"
 
 
 _TORCH_OPS = {
@@ -385,7 +386,10 @@ def _as_int(p: Any) -> int:
     raise UnsupportedOperation(f"a slice bound of type {type(p).__name__}")
 
 
-def _fmt(node: dict) -> str:
+def _fmt(node: dict, budget: list[int]) -> str:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return "..."
     if "ref" in node:
         return f"ref({node['ref']!r})"
     if "tensor" in node:
@@ -393,7 +397,7 @@ def _fmt(node: dict) -> str:
         return f"tensor({list(t.shape) if isinstance(t, torch.Tensor) else t})"
     if "scalar" in node:
         return repr(node["scalar"])
-    args = [_fmt(a) for a in node["args"]]
+    args = [_fmt(a, budget) for a in node["args"]]
     if node["op"] == "neg":
         return f"-{args[0]}"
     if node["op"] == "getitem":

@@ -17,8 +17,11 @@ Reading checks, in this order, before allocating or reading anything it does not
 magic, version, flags, then ``header_len <= max_header_bytes`` and
 ``header_len + payload_len <= max_bytes`` (from the prefix alone, so an oversized frame
 costs 16 bytes of reading), then the header (msgpack with every size limit set, strings
-as UTF-8, str map keys only, no ext types at all, so it decodes to plain data only), then the descriptors, whose padded sizes must add up to
-``payload_len`` exactly; only then is the payload buffer allocated and read.
+as UTF-8, str map keys only, no ext types at all: it decodes to plain data only), then the
+descriptors, whose padded sizes must add up to ``payload_len`` exactly; only then is the
+payload buffer allocated and read. A server should read a connection's first frame (the
+``hello`` that carries the token) with a small ``max_bytes``, so an unauthenticated peer
+cannot make it allocate a full-size payload.
 
 Every malformed input raises :class:`~djinn.errors.ProtocolError`; end of stream raises
 :class:`ConnectionClosed` (a ProtocolError), ``clean`` when it fell between frames. A
@@ -194,7 +197,7 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
     if len(data) != PREFIX_SIZE + hlen + plen:
         raise ProtocolError(f"frame is {len(data)} bytes but its prefix says {PREFIX_SIZE + hlen + plen}")
     header, specs = decode_header(data[PREFIX_SIZE:PREFIX_SIZE + hlen], plen, max_bytes)
-    return Message(header, build_tensors(bytearray(data[PREFIX_SIZE + hlen:]), specs))
+    return Message(header, build_tensors(bytearray(memoryview(data)[PREFIX_SIZE + hlen:]), specs))
 
 
 # ---------------------------------------------------------------- asyncio streams
