@@ -30,7 +30,8 @@ MODELS = ["tiny-llama", "tiny-gpt2", pytest.param("smollm2-135m", marks=requires
 
 def hf_layers(model) -> torch.nn.ModuleList:
     """The decoder layers, found the way a user of transformers would (not Djinn's adapter)."""
-    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    base = model.base_model
+    return base.h if hasattr(base, "h") else base.layers
 
 
 class LayerEdit:
@@ -76,7 +77,7 @@ def hf_logits(model, ids: list[int], past: list[int] | None = None) -> torch.Ten
 
 
 def hf_greedy(model, history: list[int], n: int) -> list[int]:
-    ids = torch.tensor([history])
+    ids = torch.tensor([history], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(history):].tolist()
@@ -417,14 +418,62 @@ def test_tensor_store_bounds_evict_oldest_and_refuse_what_cannot_fit():
         eng.shutdown()
 
 
-def test_a_model_without_a_layer_list_is_unsupported():
-    from djinn.models.adapter import locate
+def tiny_loaded(config):
+    """A random-init transformers model of another architecture, wrapped like a loaded preset."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(loaded("tiny-llama").config)
-    model.model.layers = torch.nn.Sequential(*model.model.layers)
-    with pytest.raises(UnsupportedModel, match="list of decoder layers"):
-        locate(model)
+    from djinn.models.loading import LoadedModel
+    from djinn.models.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(name=config.model_type, model=model, tokenizer=byte_tokenizer(), config=config,
+                       device=torch.device("cpu"), dtype=torch.float32, is_chat=False, source="preset")
+
+
+def _arch_configs():
+    from transformers import GPTNeoXConfig, PhiConfig, Qwen2Config
+
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=300,
+                 max_position_embeddings=256)
+    return [GPTNeoXConfig(**shape), Qwen2Config(num_key_value_heads=2, **shape), PhiConfig(**shape)]
+
+
+@pytest.mark.parametrize("config", _arch_configs(), ids=lambda c: c.model_type)
+def test_other_architectures_pause_resume_and_steer_with_no_code_of_their_own(config):
+    lm = tiny_loaded(config)
+    eng = make_engine(lm, blocks=32)
+    ids = prompt(lm, 12, 13)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    try:
+        for layer in range(2):
+            sid = eng.open_session("m")
+            p = eng.forward(sid, ids, breakpoint=layer)["paused"]
+            assert torch.equal(logits_of(eng, eng.resume(p["paused_id"])), hf_logits(lm.model, ids))
+            assert eng.generate(sid, GenerateRequest([5, 6], greedy(4))).token_ids == hf_greedy(lm.model, ids + [5, 6], 4)
+            hook = LayerEdit(lm.model, layer, lambda h: h + v)
+            try:
+                ref = hf_logits(lm.model, ids)
+            finally:
+                hook.remove()
+            p = eng.forward(eng.open_session("m"), ids, breakpoint=layer)["paused"]
+            assert torch.equal(logits_of(eng, eng.resume(p["paused_id"], eng.fetch(p["activation"]["id"]) + v)), ref)
+    finally:
+        eng.shutdown()
+
+
+def test_a_model_without_a_flat_layer_list_is_a_clear_unsupported_error():
+    from transformers import OPTConfig
+
+    opt = tiny_loaded(OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                vocab_size=300, max_position_embeddings=256, word_embed_proj_dim=64))
+    eng = Engine(config=EngineConfig(memory=MemoryConfig(kv_blocks=8)))
+    try:
+        with pytest.raises(UnsupportedModel, match="list of decoder layers"):   # OPT nests them in model.decoder
+            eng.add_model("opt", opt)
+        assert eng.runtimes == {}
+    finally:
+        eng.shutdown()
 
 
 def test_phase_is_restored_after_resume(llama_engine):

@@ -61,7 +61,8 @@ class PagedCache(Cache):
         if len(block_table) * bs < total:
             raise RuntimeError(f"block table holds {len(block_table) * bs} tokens, forward needs {total}")
         device = self.pool.device
-        table = torch.tensor(block_table[: -(-total // bs)], dtype=torch.long, device=device)
+        self._bound = list(block_table[: -(-total // bs)])
+        table = torch.tensor(self._bound, dtype=torch.long, device=device)
         pos = torch.arange(self.start, total, device=device)
         return table, table[pos // bs], pos % bs
 
@@ -72,6 +73,8 @@ class PagedCache(Cache):
         The cache object stays the same (a paused forward's captured layer arguments refer to
         it) and its index tensors are overwritten in place, so anything holding them sees the
         new blocks. The block contents must already be where the new table says."""
+        if list(block_table[: len(self._bound)]) == self._bound:
+            return   # nothing moved: no copy to the device
         table, blocks, offsets = self._indices(block_table)
         self._table.copy_(table)
         self._write_blocks.copy_(blocks)
