@@ -169,6 +169,32 @@ def test_breakpoint_inside_generation_resumes_to_transformers_generate(name):
 # ---------------------------------------------------------------- steering is real
 
 @pytest.mark.parametrize("name", MODELS)
+def test_steering_one_decode_step_at_a_breakpoint_equals_a_hook_on_that_token(name):
+    lm = loaded(name)
+    eng = make_engine(lm)
+    ids, n, step = prompt(lm, 8, 14), 5, 2
+    layer = lm.config.num_hidden_layers // 2
+    position = len(ids) + step - 1          # the token decode step 2 computes
+    edit = LayerEdit(lm.model, layer, lambda h: -h * 0.5, positions=[position])
+    recorder = LayerEdit(lm.model, layer, None, record=True)
+    try:
+        ref = hf_greedy(lm.model, ids, n)
+    finally:
+        edit.remove()
+        recorder.remove()
+    try:
+        sid = eng.open_session("m")
+        g = eng.generate(sid, GenerateRequest(ids, greedy(n), breakpoint=(layer, step), capture=[layer]))
+        act = g.paused["activation"]["id"]
+        out = eng.resume(g.paused["paused_id"], {"op": "mul", "args": [{"op": "neg", "args": [{"ref": act}]},
+                                                                         {"scalar": 0.5}]})["generation"]
+        assert out.token_ids == ref
+        assert torch.equal(eng.fetch(out.captured[layer]["id"]), torch.cat(recorder.outputs))
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_resume_with_scaled_or_shifted_activation_equals_a_hooked_transformers_forward(name):
     lm = loaded(name)
     eng = make_engine(lm)
