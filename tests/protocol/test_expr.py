@@ -241,3 +241,18 @@ def test_operand_types():
             return Expr.ref("w")
     assert (x + Remote()).ref_ids() == ["h", "w"]
     assert "ref('h') * 0.5" in repr(x * 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_client_tensors_meet_server_tensors_on_the_gpu():
+    """The server's refs live on the GPU, payload tensors arrive on the CPU."""
+    h = SERVER["h"].cuda()
+    v = torch.randn(4)
+    tensors: list = []
+    tree = ((Expr.ref("h") * v)[0] - Expr.tensor(v) / 2).encode(tensors)
+    got = evaluate_expr(tree, {"h": h}.__getitem__, tensors)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), (SERVER["h"] * v)[0] - v / 2)
+    back = decode_frame(frame_bytes({"op": "stats", "id": 1}, [got, h.to(torch.bfloat16)])).tensors  # sent from the GPU
+    assert torch.equal(back[0], got.cpu()) and torch.equal(back[1], h.to(torch.bfloat16).cpu())
