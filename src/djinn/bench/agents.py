@@ -168,7 +168,13 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
                 spec = _spec(cfg, model, tool, n, args.seed)
                 spec.validate(max_ctx)
                 if turn_s is None:
-                    turn_s = _warmup(client, cfg, spec)
+                    try:
+                        turn_s = _warmup(client, cfg, spec)
+                    except djinn.DjinnError as exc:   # e.g. not even one agent fits: data, not a crash
+                        runs.append({"policy": policy, "tool": tool, "n": n,
+                                     "error": f"warm-up failed: {type(exc).__name__}: {exc}"})
+                        print(f"[{policy} {tool}] warm-up failed: {exc}")
+                        break
                 left = budget_end - time.perf_counter()
                 if left < 5:
                     runs.append({"policy": policy, "tool": tool, "n": n, "skipped": "policy time budget spent"})
@@ -227,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     for policy in cfg.policies:
         got, device = sweep_policy(args, cfg, policy)
         runs += got
+    if not any("success_rate" in r for r in runs):
+        print("djinn bench agents: no run completed (see the errors above); nothing written")
+        return 2
     measured = [r for r in runs if r.get("tool_to_compute_ratio") is not None]
     ratio = sum(r["tool_to_compute_ratio"] for r in measured) / len(measured) if measured else None
     params = {**asdict(cfg), "preset": cfg.name, "seed": args.seed, "address": args.address,
