@@ -10,6 +10,8 @@ import pytest
 
 from djinn.bench import agents, plot, resume
 
+from tests.conftest import requires_cuda
+
 RUN_KEYS = {"policy", "tool", "n", "planned_turns", "ok_turns", "success_rate", "errors", "turn_ms", "ttft_ms",
             "queue_ms", "restore_ms", "compute_ms", "turns_per_min", "tokens_per_s", "peak_device_bytes",
             "bytes_moved", "no_recompute_share", "returning_turns", "live_agents", "turns", "timeline",
@@ -103,3 +105,21 @@ def test_plot_turns_json_into_pngs(out_dir, tmp_path):
 def test_plot_of_an_empty_directory_says_so(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 1
     assert "nothing to plot" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_paths_of_agents_and_resume(tmp_path):
+    """The CUDA-only branches: torch's peak-memory reading and the pinned manual offload."""
+    assert agents.main(["--quick", "--device", "cuda", "--n", "2", "--policies", "semantic", "--no-progress",
+                        "--out", str(tmp_path)]) == 0
+    run = _only(tmp_path, "agents-quick-*.json")["results"]["runs"][0]
+    assert run["peak_device_source"] == "torch.cuda.max_memory_allocated" and run["peak_device_bytes"] > 0
+    assert resume.main(["--model", "tiny-llama", "--device", "cuda", "--contexts", "64", "128", "--repeat", "1",
+                        "--skip", "depth", "--host-memory", "16MiB", "--park-timeout-s", "1", "--no-progress",
+                        "--out", str(tmp_path)]) == 0
+    rec = _only(tmp_path, "resume-*.json")
+    for row in rec["results"]["context"]["rows"]:
+        pinned = row["manual"]["offload_pinned"]
+        assert pinned["resume_ms"] > 0 and pinned["h2d_ms"] > 0
+    assert "manual offload, pinned" in rec["results"]["context"]["curves"]

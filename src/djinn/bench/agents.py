@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = sum(r["tool_to_compute_ratio"] for r in measured) / len(measured) if measured else None
     params = {**asdict(cfg), "preset": cfg.name, "seed": args.seed, "address": args.address,
               "tool_to_compute_ratio_mean": ratio,
+              "arrival_rate_as_run_per_s": cfg.rate / cfg.time_scale if cfg.rate > 0 else None,
+              "time_scale_applies_to": "arrival gaps and tool times (compute is never scaled)",
               "mode": "remote" if args.address else "embedded"}
     results = {"policies": summarize_policies(runs), "runs": runs}
     dev = torch.device(device) if device.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
