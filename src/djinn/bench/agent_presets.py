@@ -42,7 +42,9 @@ class AgentsPreset:
     kv_blocks: int | None = None
     block_size: int = 16
     policies: tuple[str, ...] = ("semantic", "lru", "recompute", "resident")
-    policy_budget_s: float = 540.0       # wall-clock bound of one policy's whole sweep
+    # wall-clock bound of one policy's sweep (model load included): one policy per 10-minute command,
+    # with room for the grace given to turns in flight when the bound hits
+    policy_budget_s: float = 420.0
     slo_ms: float = 2000.0               # p99 turn latency a "sustained" run stays under
     notes: tuple[str, ...] = field(default_factory=tuple)
 
