@@ -170,3 +170,16 @@ def test_sweep_order_of_n():
     quick = PRESETS["quick"]
     assert next_n(quick, runs((2, False), (4, False))) == (8, None)          # smoke runs keep every point
     assert next_n(quick, runs((2, True), (4, True), (8, True)))[0] is None
+
+
+def test_stats_in_either_shape():
+    from djinn.bench.metrics import delta, moved_bytes
+
+    assert moved_bytes({"bytes_moved": 10}) == 10
+    assert moved_bytes({"bytes_moved": {"out": 3, "in": 4}}) == 7          # by direction
+    assert moved_bytes({"swaps": {"bytes_out": 1, "bytes_in": 2}}) == 3
+    assert moved_bytes({"memory": {}}) is None
+    swaps = {"swaps": {"out": 2, "in": 1, "dropped": 0}}
+    assert stat(swaps, "decisions") == {"out": 2, "in": 1, "dropped": 0}   # swap counters stand in
+    assert delta({"a": 5, "b": {"c": 3}, "ok": True}, {"a": 2, "b": {"c": 1}, "ok": False}) == \
+        {"a": 3, "b": {"c": 2}, "ok": None}

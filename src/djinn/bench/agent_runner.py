@@ -159,7 +159,9 @@ def run_agents(client, model_name: str, plans: list[AgentPlan], opts: RunOptions
         "live_agents": live_agents(spans),
         "peak_device_bytes": peak, "peak_device_source": source, "peak_kv_device_bytes": peak_kv,
         "peak_kv_host_bytes": sampler.peak("kv_host"),
-        "bytes_moved": moved, "bytes_moved_per_turn": (moved / summary["ok_turns"]) if moved and summary["ok_turns"] else
+        "bytes_moved": moved, "bytes_moved_split": delta(stat(after, "bytes_moved"), stat(before, "bytes_moved")),
+        "server_kv_device_high_water": stat(after, "kv_device_high_water"),
+        "bytes_moved_per_turn": (moved / summary["ok_turns"]) if moved and summary["ok_turns"] else
         (0.0 if moved == 0 else None),
         "decisions": delta(stat(after, "decisions"), stat(before, "decisions")),
         "stats_delta": delta(after, before), "sampler_errors": sampler.errors,

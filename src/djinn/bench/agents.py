@@ -28,6 +28,7 @@ import djinn
 from djinn.bench.agent_presets import PRESETS, AgentsPreset, resolve
 from djinn.bench.agent_runner import RunOptions, run_agents
 from djinn.bench.common import record, write
+from djinn.bench.metrics import wait_host_ready
 from djinn.bench.workload import ToolTime, WorkloadSpec, build
 
 
@@ -157,6 +158,9 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
         device = str(client.stats().get("device", cfg.device))
         max_ctx = getattr(model.config, "max_position_embeddings", None)
         cuda_peak = args.address is None and device.startswith("cuda") and torch.cuda.is_available()
+        host_wait = wait_host_ready(client)
+        if host_wait:
+            print(f"[{policy}] waited {host_wait:.1f} s for the host arena to be pinned")
         for tool in cfg.tools:
             turn_s = None
             done: list[dict] = []
@@ -186,7 +190,8 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
                                   slo_ms=cfg.slo_ms, progress=not args.no_progress,
                                   label=f"{policy} {tool} n={n}", cuda_peak=cuda_peak)
                 run = {"policy": policy, "tool": tool, "tool_mean_s": ToolTime.parse(tool).mean * cfg.time_scale,
-                       "n": n, "deadline_s": opts.deadline_s, **run_agents(client, cfg.model, plans, opts)}
+                       "n": n, "deadline_s": opts.deadline_s, "host_arena_wait_s": host_wait,
+                       **run_agents(client, cfg.model, plans, opts)}
                 runs.append(run)
                 done.append(run)
                 print(_line(run), flush=True)

@@ -29,13 +29,19 @@ from djinn.bench.common import percentile
 STAT_PATHS: dict[str, list[tuple[str, ...]]] = {
     "kv_device": [("memory", "kv_device")],
     "kv_device_capacity": [("memory", "kv_device_capacity")],
+    "kv_device_high_water": [("memory", "kv_device_high_water")],
     "kv_host": [("memory", "kv_parked"), ("memory", "kv_host")],
     "kv_host_capacity": [("memory", "kv_host_capacity"), ("memory", "kv_parked_capacity"), ("memory", "host_capacity")],
+    "kv_moving": [("memory", "kv_moving")],
+    "host_ready": [("memory", "host_arena_ready")],
     "weights": [("memory", "weights")],
+    # a number, or a dict by direction ({"out": ..., "in": ...}): summed by moved_bytes()
     "bytes_moved": [("bytes_moved",), ("memory", "bytes_moved"), ("swaps", "bytes_moved"), ("swaps", "bytes")],
     "bytes_to_host": [("bytes_parked",), ("bytes_to_host",), ("swaps", "bytes_to_host"), ("swaps", "bytes_out")],
     "bytes_to_device": [("bytes_restored",), ("bytes_to_device",), ("swaps", "bytes_to_device"), ("swaps", "bytes_in")],
-    "decisions": [("decisions",), ("policy", "decisions"), ("swaps", "decisions")],
+    # the policy's choices: explicit decision counts, else the swap counters (out = parked, in =
+    # restored, dropped, recomputed)
+    "decisions": [("decisions",), ("policy", "decisions"), ("swaps",)],
     "sessions": [("sessions",)],
 }
 
@@ -51,10 +57,23 @@ def stat(stats: dict | None, name: str) -> Any:
     return None
 
 
-def moved_bytes(stats: dict | None) -> int | None:
-    total = stat(stats, "bytes_moved")
+def _total(x: Any) -> int | float | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return x
+    if isinstance(x, dict):
+        parts = [_total(v) for v in x.values()]
+        parts = [p for p in parts if p is not None]
+        return sum(parts) if parts else None
+    return None
+
+
+def moved_bytes(stats: dict | None) -> int | float | None:
+    """All KV bytes moved between tiers so far (both directions), or None if not reported."""
+    total = _total(stat(stats, "bytes_moved"))
     if total is None:
-        parts = [stat(stats, "bytes_to_host"), stat(stats, "bytes_to_device")]
+        parts = [_total(stat(stats, "bytes_to_host")), _total(stat(stats, "bytes_to_device"))]
         total = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
     return total
 
@@ -64,9 +83,25 @@ def delta(after: Any, before: Any) -> Any:
     if isinstance(after, dict):
         before = before if isinstance(before, dict) else {}
         return {k: delta(v, before.get(k, 0)) for k, v in after.items()}
+    if isinstance(after, bool) or isinstance(before, bool):
+        return None
     if isinstance(after, (int, float)) and isinstance(before, (int, float)):
         return after - before
     return None
+
+
+def wait_host_ready(client, timeout_s: float = 180.0) -> float | None:
+    """Wait until the server's host arena for parked KV is fully pinned (it may pin in the
+    background after start-up), so runs don't measure its warm-up. Seconds waited; None if the
+    server does not say."""
+    t = time.perf_counter()
+    while True:
+        ready = stat(client.stats(), "host_ready")
+        if ready is None:
+            return None
+        if ready or time.perf_counter() - t > timeout_s:
+            return time.perf_counter() - t
+        time.sleep(0.2)
 
 
 @dataclass
@@ -202,7 +237,7 @@ class MemorySampler:
             return
         self.samples.append({"t": time.perf_counter() - self._t0,
                              **{k: stat(s, k) for k in ("kv_device", "kv_host", "kv_device_capacity",
-                                                        "kv_host_capacity", "sessions")}})
+                                                        "kv_host_capacity", "kv_moving", "sessions")}})
 
     def stop(self) -> list[dict]:
         self._stop.set()

@@ -32,7 +32,7 @@ import torch
 
 import djinn
 from djinn.bench.common import median, record, write
-from djinn.bench.metrics import crossings
+from djinn.bench.metrics import crossings, wait_host_ready
 from djinn.bench.resume_offload import measure_context
 from djinn.client.embedded import resolve_device, resolve_dtype
 from djinn.config import default_home
@@ -166,6 +166,7 @@ def context_part(args, device, dtype) -> dict:
                            host_memory=args.host_memory, policy="semantic", seed=args.seed)
     try:
         vocab = client.model(args.model).config.vocab_size
+        wait_host_ready(client)
         for n in args.contexts:
             rows[n]["djinn"] = djinn_context(client, args.model, _tokens(n, vocab, args.seed + n), args.repeat,
                                              args.park_timeout_s)
@@ -206,6 +207,7 @@ def depth_part(args, device) -> dict:
                            gpu_memory=args.gpu_memory, host_memory=args.host_memory, policy="semantic", seed=args.seed)
     try:
         m = client.model(args.depth_model)
+        wait_host_ready(client)
         probe = m.session()
         if not hasattr(probe, "forward"):
             probe.close()
