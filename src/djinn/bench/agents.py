@@ -159,7 +159,7 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
         max_ctx = getattr(model.config, "max_position_embeddings", None)
         cuda_peak = args.address is None and device.startswith("cuda") and torch.cuda.is_available()
         host_wait = wait_host_ready(client)
-        if host_wait:
+        if host_wait and host_wait > 0.5:
             print(f"[{policy}] waited {host_wait:.1f} s for the host arena to be pinned")
         for tool in cfg.tools:
             turn_s = None

@@ -91,6 +91,9 @@ def wait_parked(sess, timeout_s: float) -> tuple[bool, float, str | None]:
             return True, time.perf_counter() - t, where
         if time.perf_counter() - t > timeout_s:
             return False, time.perf_counter() - t, where
+        # a server may settle finished copies lazily, on its next stats or turn (the memory
+        # branch's session info did, when this was written): asking for stats lets it
+        sess.model.client.stats()
         time.sleep(0.005)
 
 
