@@ -150,20 +150,23 @@ def memory(preset: str, slot: dict, out: Path, policy: str, n: int | None) -> li
     if run is None:
         return []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    # device and host on their own axes: a host budget 100x the device's would flatten the device lines
+    fig, (dev, host) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     tl = run["timeline"]
     t = [s["t"] for s in tl]
     mib = 2 ** 20
-    for key, label, style in (("kv_device", "KV on device", "-"), ("kv_host", "KV parked in host memory", "-"),
-                              ("kv_device_capacity", "device KV budget", "--"),
-                              ("kv_host_capacity", "host KV budget", ":")):
-        ys = [s.get(key) for s in tl]
-        if any(y is not None for y in ys):
-            ax.plot(t, [y / mib if y is not None else float("nan") for y in ys], ls=style, label=label)
-    ax.set(xlabel="seconds into the run", ylabel="MiB",
-           title=f"{preset}: memory, policy {run['policy']}, N={run['n']}, tool {run['tool']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, lines in ((dev, (("kv_device", "KV on device", "-"), ("kv_moving", "KV being copied", ":"),
+                             ("kv_device_capacity", "device KV budget", "--"))),
+                      (host, (("kv_host", "KV parked in host memory", "-"), ("kv_host_capacity", "host KV budget", "--")))):
+        for key, label, style in lines:
+            ys = [s.get(key) for s in tl]
+            if any(y is not None for y in ys):
+                ax.plot(t, [y / mib if y is not None else float("nan") for y in ys], ls=style, label=label)
+        ax.set(ylabel="MiB")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    dev.set_title(f"{preset}: memory, policy {run['policy']}, N={run['n']}, tool {run['tool']}")
+    host.set_xlabel("seconds into the run")
     return _save(fig, out, f"agents-{preset}-memory")
 
 
