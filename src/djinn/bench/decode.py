@@ -118,6 +118,21 @@ def run_batched(args, lm, device, log) -> dict:
             log(f"captured decode graphs for batches {graphs.captured} in {out['graph_capture_s']:.1f} s")
         eager_for = {(1, 1024), (32, 1024)} if device.type == "cuda" else set()
         rows = bb.djinn_batched(ex, pool, graphs, batches, contexts, args.steps, log=log, eager_for=eager_for)
+        if device.type == "cuda":
+            # what the fused norm/rotary kernels are worth: the same steps captured without them
+            from djinn.engine import fused
+
+            del graphs
+            fused.ENABLED = False
+            try:
+                plain = DecodeGraphs(ex, pool, max_context=max(contexts) + args.steps + 16, buckets=(1, 32))
+                plain.capture()
+                log("without fused norm/rotary kernels:")
+                out["unfused"] = bb.djinn_batched(ex, pool, plain, [1, 32], [1024], args.steps, log=log)
+                del plain
+            finally:
+                fused.ENABLED = True
+            graphs = None
         del graphs, pool, ex
     hf = {}
     if "transformers" not in skip:

@@ -20,13 +20,15 @@ new K/V into its blocks; nothing here changes a block table or the pool's accoun
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from djinn.attention import AttentionBackend, AttentionMetadata, SeqSpan, backend_for, build_metadata
 from djinn.attention.hf import BatchAttention, BatchCache, use_djinn_attention
+from djinn.engine import fused
 from djinn.memory.blocks import BlockPool
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -54,6 +56,13 @@ class BatchState:
     rows: list[tuple[int, int]] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def batched_mode(executor, device: torch.device) -> Iterator[None]:
+    """The model's batched personality: Djinn attention, and fused norm/rotary kernels on CUDA."""
+    with use_djinn_attention(executor.model), fused.fused_ops(executor.model, fused.available(device)):
+        yield
+
+
 def _rows(items: list[BatchItem]) -> list[tuple[int, int]]:
     out, a = [], 0
     for it in items:
@@ -78,7 +87,7 @@ def begin_batch(executor, pool: BlockPool, items: list[BatchItem], backend: Atte
 
 def _enter(executor, pool: BlockPool, backend: AttentionBackend, meta: AttentionMetadata, ids: torch.Tensor):
     """The model's code before layer 0 for packed ``ids`` [1, T] (graph-capturable)."""
-    with use_djinn_attention(executor.model):
+    with batched_mode(executor, pool.device):
         return executor.enter_layers(
             input_ids=ids, position_ids=meta.token_pos[None],
             # a dummy 2-D mask: "djinn" builds no mask from it, and it keeps models from probing
@@ -94,7 +103,7 @@ def run_batch_layers(executor, st: BatchState, until: int | None = None) -> Batc
     last = executor.num_layers - 1 if until is None else until
     h = st.hidden
     hooked = [(it.hook, a, b) for it, (a, b) in zip(st.items, st.rows) if it.hook is not None]
-    with use_djinn_attention(executor.model):
+    with batched_mode(executor, st.pool.device):
         for i in range(st.next_layer, last + 1):
             out = executor.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
             h = out[0] if isinstance(out, tuple) else out
@@ -131,7 +140,8 @@ def finish_batch(executor, st: BatchState) -> list[torch.Tensor]:
         counts.append(len(take))
     h = st.hidden[0].index_select(0, torch.tensor(idx, dtype=torch.long, device=st.hidden.device))[None]
     if executor.arch.final_norm is not None:
-        h = executor.arch.final_norm(h)
+        with fused.fused_ops(executor.model, fused.available(st.pool.device)):
+            h = executor.arch.final_norm(h)
     logits = executor.arch.lm_head(h)[0].float()
     return list(torch.split(logits, counts))
 

@@ -24,7 +24,7 @@ import torch
 
 from djinn.attention import AttentionBackend, backend_for
 from djinn.attention.base import derive
-from djinn.engine.batch import BatchItem, _enter
+from djinn.engine.batch import BatchItem, _enter, batched_mode
 from djinn.memory.blocks import BlockPool
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
@@ -65,14 +65,12 @@ class DecodeGraphs:
         meta = derive(self.block_size, self._seq[:b], self._pos[:b], self._tables[:b], spans=None, decode_only=True)
         ex = self.executor
         h, args, kwargs = _enter(ex, self.pool, self.backend, meta, self._ids[:b][None])
-        from djinn.attention.hf import use_djinn_attention
-
-        with use_djinn_attention(ex.model):
+        with batched_mode(ex, self.pool.device):
             for layer in ex.arch.layers:
                 out = layer(h, *args, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
-        if ex.arch.final_norm is not None:
-            h = ex.arch.final_norm(h)
+            if ex.arch.final_norm is not None:
+                h = ex.arch.final_norm(h)
         return h[0]
 
     def _reset_static(self) -> None:
