@@ -54,13 +54,19 @@ class Executor:
 
     def begin(self, cache: PagedCache, input_ids: torch.Tensor) -> ForwardState:
         """Run embeddings/positions/masks and return the state before decoder layer 0."""
+        hidden, rest, kwargs = self.enter_layers(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return ForwardState(cache=cache, hidden=hidden, next_layer=0, layer_args=rest, layer_kwargs=kwargs)
+
+    def enter_layers(self, **forward_kwargs) -> tuple[torch.Tensor, tuple, dict]:
+        """Run the backbone's own code up to decoder layer 0 with ``forward_kwargs``; return the
+        hidden state and the other positional and keyword arguments it passes to the layers."""
 
         def grab(module, args, kwargs):
             raise _Captured(args, kwargs)
 
         handle = self.arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            self.arch.backbone(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            self.arch.backbone(**forward_kwargs)
         except _Captured as c:
             args, kwargs = c.args, dict(c.kwargs)
         else:  # pragma: no cover - a model that never calls its first layer
@@ -68,10 +74,8 @@ class Executor:
         finally:
             handle.remove()
         if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        return ForwardState(cache=cache, hidden=hidden, next_layer=0, layer_args=rest, layer_kwargs=kwargs)
+            return args[0], tuple(args[1:]), kwargs
+        return kwargs.pop("hidden_states"), (), kwargs
 
     def run_layers(self, st: ForwardState, until: int | None = None, hook: LayerHook | None = None) -> ForwardState:
         """Run decoder layers ``st.next_layer .. until`` (inclusive; None = all)."""
@@ -101,3 +105,11 @@ class Executor:
         st = self.begin(cache, input_ids)
         self.run_layers(st, hook=hook)
         return self.finish(st, last_only=last_only)
+
+    # ---- many sessions per forward (djinn.engine.batch) ---------------------------------
+    def forward_batch(self, pool, items: list, backend=None, graphs=None) -> list[torch.Tensor]:
+        """One forward for a packed batch of ``BatchItem``s; logits per item (see batch.py).
+        Pure decode batches without hooks replay ``graphs`` (a DecodeGraphs) when given."""
+        from djinn.engine import batch
+
+        return batch.forward_batch(self, pool, items, backend=backend, graphs=graphs)
