@@ -61,7 +61,8 @@ class Runner:
     def __init__(self, lm: LoadedModel, layer_source=None):
         self.arch = locate(lm.model)
         self.executor = Executor(lm.model, self.arch, layer_source=layer_source)
-        self.pool = BlockPool(kv_geometry(lm.config, 16, lm.dtype), 64, CPU)
+        self.device = lm.device
+        self.pool = BlockPool(kv_geometry(lm.config, 16, lm.dtype), 64, lm.device)
         self.tables: dict[str, list[int]] = {}
         self.cached: dict[str, int] = {}
 
@@ -73,7 +74,7 @@ class Runner:
         need = self.pool.shape.blocks_for(start + len(ids)) - len(table)
         if need > 0:
             table.extend(self.pool.allocate(need))
-        st = self.executor.begin(PagedCache(self.pool, table, start, len(ids)), torch.tensor([ids]))
+        st = self.executor.begin(PagedCache(self.pool, table, start, len(ids)), torch.tensor([ids], device=self.device))
         self.cached[sid] = start + len(ids)
         return st if until is None else self.executor.run_layers(st, until=until)
 
@@ -86,7 +87,7 @@ class Runner:
 
 
 def with_streamer(lm: LoadedModel, slots: int, copier: Copier | None = None, chunk: int | None = None):
-    streamer = WeightStreamer(lm.arena, CPU, slots, chunk, copier=copier)
+    streamer = WeightStreamer(lm.arena, lm.device, slots, chunk, copier=copier)
     return Runner(lm, streamer), streamer
 
 
@@ -116,41 +117,47 @@ MODELS = ["tiny-llama", pytest.param(SMOLLM2, marks=requires_smollm2)]
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("slots", [1, 2, 3])
-def test_streamed_prefill_logits_equal_transformers_resident_forward(name, slots):
+def test_streamed_prefill_logits_equal_transformers_resident_forward(name):
     res, st = loaded(name), streamed(name)
-    run, streamer = with_streamer(st, slots)
-    ids = prompt(37, seed=slots)
+    ids = prompt(37)
     with torch.inference_mode():
         first = res.model(torch.tensor([ids]), use_cache=True)
         want = first.logits[0].float()
         want_next = res.model(torch.tensor([[7, 8]]), past_key_values=first.past_key_values).logits[0].float()
-    assert torch.equal(run.forward("a", ids), want)
-    assert torch.equal(run.forward("a", [7, 8]), want_next)    # continues from the paged KV
-    streamer.close()
+    for slots in (1, 2, 3):   # fewer slots than layers, down to one
+        run, streamer = with_streamer(st, slots)
+        assert torch.equal(run.forward("a", ids), want), slots
+        assert torch.equal(run.forward("a", [7, 8]), want_next), slots   # continues from the paged KV
+        streamer.close()
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("slots", [1, 2, 3])
-def test_streamed_engine_greedy_equals_transformers_generate(name, slots):
+def test_streamed_engine_greedy_equals_transformers_generate(name):
     res, st = loaded(name), streamed(name)
-    eng = Engine({"m": st}, EngineConfig(memory=MemoryConfig(kv_blocks=128, stream_slots=slots)))
-    try:
-        assert eng.runtimes["m"].streamer is not None
-        sids = [eng.open_session("m"), eng.open_session("m")]
-        histories: list[list[int]] = [[], []]
-        for turn, (plen, n) in enumerate([(9, 8), (20, 6)]):
-            for k, sid in enumerate(sids):  # two sessions interleaved on one streamed model
-                p = prompt(plen, seed=10 * turn + k + slots)
-                out = eng.generate(sid, GenerateRequest(p, greedy(n)))
-                histories[k] += p
-                assert out.token_ids == hf_greedy(res.model, histories[k], n), (turn, k)
-                histories[k] += out.token_ids
-        stats = eng.stats()
-        assert stats["memory"]["weights"] == res.weight_bytes()
-        assert stats["streaming"]["m"]["slots"] == min(slots, res.config.num_hidden_layers)
-    finally:
-        eng.shutdown()
+    turns = [(9, 5), (14, 3)]
+    # transformers' generate on the resident model, two sessions of two turns each
+    want: list[list[list[int]]] = []
+    for k in range(2):
+        history, outs = [], []
+        for turn, (plen, n) in enumerate(turns):
+            history += prompt(plen, seed=10 * turn + k)
+            outs.append(hf_greedy(res.model, history, n))
+            history += outs[-1]
+        want.append(outs)
+    for slots in (1, 2, 3):
+        eng = Engine({"m": st}, EngineConfig(memory=MemoryConfig(kv_blocks=128, stream_slots=slots)))
+        try:
+            assert eng.runtimes["m"].streamer is not None
+            sids = [eng.open_session("m"), eng.open_session("m")]
+            for turn, (plen, n) in enumerate(turns):
+                for k, sid in enumerate(sids):  # two sessions interleaved on one streamed model
+                    out = eng.generate(sid, GenerateRequest(prompt(plen, seed=10 * turn + k), greedy(n)))
+                    assert out.token_ids == want[k][turn], (slots, turn, k)
+            stats = eng.stats()
+            assert stats["memory"]["weights"] == res.weight_bytes()
+            assert stats["streaming"]["m"]["slots"] == slots
+        finally:
+            eng.shutdown()
 
 
 def test_more_slots_than_layers_streams_each_layer_once():
@@ -427,7 +434,7 @@ def test_bad_stream_settings_are_clear_errors_and_leave_the_engine_serving():
         with pytest.raises(InvalidRequest, match="stream-slots"):
             eng.add_model("m", st)
         eng.config.memory.stream_slots, eng.config.memory.stream_chunk = 2, "1KiB"
-        with pytest.raises(InvalidRequest, match="1 MiB"):
+        with pytest.raises(InvalidRequest, match="64 KiB"):
             eng.add_model("m", st)
         assert list(eng.runtimes) == ["ok"]
         assert eng.generate(eng.open_session("ok"), GenerateRequest([1, 2], greedy(2))).token_ids

@@ -92,7 +92,7 @@ def stream_chunk(mem: MemoryConfig | None) -> int | None:
     chunk = parse_size(mem.stream_chunk)
     if chunk is None or chunk <= 0:
         return None
-    if chunk < 1 << 20:
-        raise InvalidRequest(f"stream chunk {mem.stream_chunk!r} is below 1 MiB: copies that small run far "
+    if chunk < 64 << 10:
+        raise InvalidRequest(f"stream chunk {mem.stream_chunk!r} is below 64 KiB: copies that small run far "
                              "below link speed; use e.g. 64MiB, or 0 for a whole layer per copy")
     return chunk

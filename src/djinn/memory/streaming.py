@@ -155,6 +155,14 @@ class HostArena:
             for m, n in e.holders:
                 m._parameters[n] = new
 
+    def views_in(self, buffer: torch.Tensor, offset: int, k: int) -> list[torch.Tensor]:
+        """Typed views of layer k's parameters laid out in ``buffer`` (bytes) from ``offset``,
+        in the order of ``parameters(k)``."""
+        return [_typed_view(buffer, offset, e) for e in self.plans[k]]
+
+    def same_shapes(self, j: int, k: int) -> bool:
+        return [(e.offset, e.shape, e.dtype) for e in self.plans[j]] == [(e.offset, e.shape, e.dtype) for e in self.plans[k]]
+
     def parameters(self, k: int) -> list[nn.Parameter]:
         return [getattr(e.holders[0][0], e.holders[0][1]) for e in self.plans[k]]
 
@@ -247,7 +255,7 @@ class WeightStreamer:
     def _views(self, s: int, k: int) -> list[torch.Tensor]:
         key = (s, k)
         if key not in self._slot_views:
-            self._slot_views[key] = [_typed_view(self.ring, s * self.slot_bytes, e) for e in self.arena.plans[k]]
+            self._slot_views[key] = self.arena.views_in(self.ring, s * self.slot_bytes, k)
         return self._slot_views[key]
 
     def _window(self, k: int) -> list[int]:
