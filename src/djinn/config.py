@@ -55,7 +55,8 @@ class MemoryConfig:
     layers in a pinned host arena and streams them through ``stream_slots`` device slots
     (None: the default from the recorded sweep), copying ``stream_chunk`` bytes per copy
     (None: a whole layer per copy); None (auto) streams a model only when its weights leave
-    no room in the device budget; False never streams."""
+    no room in the device budget; False never streams. Embeddings, norms and the head always
+    stay on the device, and so do the first ``stream_resident_layers`` decoder layers."""
 
     gpu_memory: str | int | float | None = None
     host_memory: str | int | float | None = None
@@ -67,6 +68,7 @@ class MemoryConfig:
     offload: bool | None = None        # stream decoder layers from host memory: True | None (auto) | False
     stream_slots: int | None = None    # device ring slots for streamed layers
     stream_chunk: str | int | None = None  # bytes per host->device copy, e.g. 64MiB (None: whole layer)
+    stream_resident_layers: int = 0   # with streaming, the first this many decoder layers stay on the device
 
 
 @dataclass

@@ -14,7 +14,7 @@ from djinn.config import EngineConfig, MemoryConfig, default_home
 from djinn.engine import Engine, GenerateRequest
 from djinn.engine.cache import PagedCache
 from djinn.engine.executor import Executor
-from djinn.engine.runtime import kv_geometry
+from djinn.engine.runtime import ModelRuntime, kv_geometry
 from djinn.errors import CapacityError, InvalidRequest
 from djinn.memory.blocks import BlockPool
 from djinn.memory.budget import should_offload
@@ -39,20 +39,23 @@ def streamed(name: str) -> LoadedModel:
     return _STREAMED[name]
 
 
-def five_layer_pair() -> tuple[LoadedModel, torch.nn.Module]:
-    """A 5-layer tiny Llama, streamed, and its resident twin (same seed => same weights)."""
-    if "five" not in _STREAMED:
+def five_layer_pair(resident_layers: int = 0) -> tuple[LoadedModel, torch.nn.Module]:
+    """A 5-layer tiny Llama, streamed (but its first ``resident_layers``), and its resident twin
+    (same seed => same weights)."""
+    key = ("five", resident_layers)
+    if key not in _STREAMED:
         tok = byte_tokenizer()
         cfg = lambda: LlamaConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=96, vocab_size=tok.vocab_size, max_position_embeddings=256,
                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)
-        model, arena = build_random_offloaded(cfg(), device=CPU, dtype=torch.float32, seed=3, seeded=_seeded)
+        model, arena = build_random_offloaded(cfg(), device=CPU, dtype=torch.float32, seed=3, seeded=_seeded,
+                                              resident_layers=resident_layers)
         model.eval()
         lm = LoadedModel(name="five", model=model, tokenizer=tok, config=model.config, device=CPU,
                          dtype=torch.float32, is_chat=False, source="preset", arena=arena)
-        _STREAMED["five"] = (lm, build_random(cfg(), device=CPU, dtype=torch.float32, seed=3).eval())
-    return _STREAMED["five"]
+        _STREAMED[key] = (lm, build_random(cfg(), device=CPU, dtype=torch.float32, seed=3).eval())
+    return _STREAMED[key]
 
 
 class Runner:
@@ -201,6 +204,25 @@ def test_breakpoints_interleaved_sessions_and_interventions_on_a_streamed_model(
     assert not torch.equal(run.out[1], Runner(twin_lm).forward("A", prompt(21, seed=1)))  # the hook mattered
     # outside a layer every parameter views the host arena: a paused model reads like a resident one
     assert all(lm.arena.contains(p) for p in locate(lm.model).layers.parameters())
+    streamer.close()
+
+
+def test_resident_decoder_layers_stay_on_the_device_and_the_rest_streams():
+    lm, twin = five_layer_pair(resident_layers=2)
+    layers = locate(lm.model).layers
+    assert lm.arena.layer_ids == [2, 3, 4]
+    assert [all(lm.arena.contains(p) for p in layer.parameters()) for layer in layers] == [False] * 2 + [True] * 3
+    for (k, a), (_, b) in zip(twin.named_parameters(), lm.model.named_parameters()):
+        assert torch.equal(a, b), k
+    twin_lm = LoadedModel(name="twin", model=twin, tokenizer=lm.tokenizer, config=twin.config, device=CPU,
+                          dtype=torch.float32, is_chat=False, source="preset")
+    ref, (run, streamer) = Runner(twin_lm), with_streamer(lm, 2)
+    for ids, loads in ((prompt(13), 3 + 2), ([4], 3), (prompt(6, seed=1), 3)):  # cold: + the 2 slots' prefetch
+        before = streamer.counters["layer_loads"]
+        assert torch.equal(run.forward("a", ids), ref.forward("a", ids))
+        assert streamer.counters["layer_loads"] - before == loads
+    with pytest.raises(InvalidRequest, match="resident decoder layers"):
+        load_model("tiny-llama", device=CPU, home=default_home(), progress=False, offload=True, resident_layers=3)
     streamer.close()
 
 
@@ -425,6 +447,26 @@ def test_budget_counts_resident_parts_plus_slots_and_says_what_to_lower():
         eng.shutdown()
     with pytest.raises(CapacityError, match="stream-slots"):
         Engine({"m": st}, EngineConfig(memory=MemoryConfig(gpu_memory=budget, stream_slots=3)))
+
+
+def test_default_slots_shrink_to_what_the_budget_holds():
+    from djinn.memory.budget import DEFAULT_STREAM_SLOTS, MIN_WORKSPACE_BYTES, STREAM_KV_SHARE
+
+    st = streamed("tiny-llama")
+    resident, slot = st.weight_bytes(resident_only=True), st.arena.max_layer_bytes
+    assert ModelRuntime.stream_slots_for(st, MemoryConfig()) == min(DEFAULT_STREAM_SLOTS, 3)   # no budget: default
+    # room for exactly 2 slots once workspace and the KV share are set aside
+    left = int((MIN_WORKSPACE_BYTES + 2.5 * slot) / (1 - STREAM_KV_SHARE)) + 1
+    mem = MemoryConfig(gpu_memory=resident + left)
+    assert ModelRuntime.stream_slots_for(st, mem) == 2
+    eng = Engine({"m": st}, EngineConfig(memory=mem))
+    try:
+        rt = eng.runtimes["m"]
+        assert rt.streamer.num_slots == 2 and rt.device_weight_bytes == resident + 2 * slot
+        assert rt.pool.total_bytes <= left - MIN_WORKSPACE_BYTES - 2 * slot   # the KV pool got the rest
+    finally:
+        eng.shutdown()
+    assert ModelRuntime.stream_slots_for(st, MemoryConfig(gpu_memory=resident + left, stream_slots=3)) == 3  # as given
 
 
 def test_bad_stream_settings_are_clear_errors_and_leave_the_engine_serving():

@@ -50,7 +50,8 @@ class EmbeddedBackend(Backend):
             mem = self.config.engine.memory
             loaded = load_model(name, device=self.device, dtype=self.dtype, home=self.config.home,
                                 seed=self.config.engine.seed,
-                                offload=lambda nbytes: should_offload(mem, self.device, nbytes))
+                                offload=lambda nbytes: should_offload(mem, self.device, nbytes),
+                                resident_layers=mem.stream_resident_layers)
             self.engine.add_model(name, loaded)
 
     def model_info(self, name: str) -> dict[str, Any]:

@@ -54,18 +54,26 @@ class ModelRuntime:
         kv = kv_geometry(loaded.config, block_size, loaded.dtype)
         streamer = None
         if loaded.arena is not None:
-            streamer = WeightStreamer(loaded.arena, loaded.device, stream_slots(memory), stream_chunk(memory))
+            streamer = WeightStreamer(loaded.arena, loaded.device, cls.stream_slots_for(loaded, memory),
+                                      stream_chunk(memory))
         pool = BlockPool(kv, kv_blocks, loaded.device)
         return cls(name=name, loaded=loaded, arch=arch, executor=Executor(loaded.model, arch, layer_source=streamer),
                    kv=kv, pool=pool, max_context=max_context(loaded.config), streamer=streamer)
 
     @staticmethod
-    def device_weight_bytes_for(loaded, memory: MemoryConfig | None) -> int:
+    def stream_slots_for(loaded, memory: MemoryConfig | None) -> int:
+        """Ring slots a streamed model gets: as configured, or the default that fits its budget
+        (counted for this model alone; with several models the plan says whether all fit)."""
+        slots = stream_slots(memory, loaded.device, loaded.weight_bytes(resident_only=True),
+                             loaded.arena.max_layer_bytes)
+        return min(slots, loaded.arena.num_layers)
+
+    @classmethod
+    def device_weight_bytes_for(cls, loaded, memory: MemoryConfig | None) -> int:
         """What ``loaded``'s weights will take on the device once built with ``memory``."""
         if loaded.arena is None:
             return loaded.weight_bytes()
-        slots = min(stream_slots(memory), loaded.arena.num_layers)
-        return loaded.weight_bytes(resident_only=True) + slots * loaded.arena.max_layer_bytes
+        return loaded.weight_bytes(resident_only=True) + cls.stream_slots_for(loaded, memory) * loaded.arena.max_layer_bytes
 
     @property
     def device_weight_bytes(self) -> int:

@@ -20,11 +20,17 @@ from djinn.errors import CapacityError, InvalidRequest
 
 CPU_DEFAULT_KV_BYTES = 1 << 30          # 1 GiB of KV on CPU unless told otherwise
 MIN_WORKSPACE_BYTES = 256 << 20
-# Weight streaming defaults, chosen from the slot x chunk sweep of `djinn bench stream`
-# (benchmarks/results/stream-*.json): see docs there for the numbers.
-DEFAULT_STREAM_SLOTS = 3
+# Weight streaming defaults, from the slot x chunk sweep of `djinn bench stream` on the H100
+# (benchmarks/results/stream.md). Prefill ran at 98-99% of the link from 2 slots on. Decode in
+# fresh engines: llama2-7b at 80-89% of the link with 3-4 slots and 89-99% with 6; llama2-13b at
+# 93-96% with 3 and 95-99% with 4-6; in a warmed engine 3 slots also ran at 99.6%. A decode step
+# ends with the host waiting for the sampled token, and only the copies already queued keep the
+# link busy until the host has issued the next forward: a deeper ring rides out longer host stalls.
+# Whole-layer copies were as fast as, or faster than, 16 or 64 MiB chunks.
+DEFAULT_STREAM_SLOTS = 6
 DEFAULT_STREAM_CHUNK: int | None = None  # a whole layer per copy
 MIN_KV_BYTES = 64 << 20                 # room a model must leave for KV before it is streamed
+STREAM_KV_SHARE = 0.25                  # default slots leave at least this share of the budget to KV
 
 
 def device_total_bytes(device: torch.device) -> int | None:
@@ -78,11 +84,22 @@ def should_offload(mem: MemoryConfig, device: torch.device, weight_bytes: int) -
     return budget is not None and weight_bytes + MIN_WORKSPACE_BYTES + MIN_KV_BYTES > budget
 
 
-def stream_slots(mem: MemoryConfig | None) -> int:
-    slots = DEFAULT_STREAM_SLOTS if mem is None or mem.stream_slots is None else mem.stream_slots
-    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-        raise InvalidRequest(f"--stream-slots must be a whole number >= 1, got {slots!r}")
-    return slots
+def stream_slots(mem: MemoryConfig | None, device: torch.device | None = None, resident_bytes: int = 0,
+                 slot_bytes: int = 0) -> int:
+    """Ring slots for a streamed model. Given ones are used as given (the budget then says whether
+    they fit); the default is ``DEFAULT_STREAM_SLOTS``, fewer where the device budget less the
+    resident weights, the workspace and a ``STREAM_KV_SHARE`` of KV has room for fewer (min 1)."""
+    if mem is not None and mem.stream_slots is not None:
+        slots = mem.stream_slots
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise InvalidRequest(f"--stream-slots must be a whole number >= 1, got {slots!r}")
+        return slots
+    budget = device_budget(mem, torch.device(device)) if mem is not None and device is not None else None
+    if budget is None or slot_bytes <= 0:
+        return DEFAULT_STREAM_SLOTS
+    left = budget - resident_bytes
+    room = left - MIN_WORKSPACE_BYTES - max(MIN_KV_BYTES, int(left * STREAM_KV_SHARE))
+    return max(1, min(DEFAULT_STREAM_SLOTS, room // slot_bytes))
 
 
 def stream_chunk(mem: MemoryConfig | None) -> int | None:

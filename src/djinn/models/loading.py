@@ -176,13 +176,15 @@ def load_model(
     seed: int = 0,
     progress: bool = True,
     offload: bool | Callable[[int], bool] = False,
+    resident_layers: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load ``name`` (a preset, a cached model, a model directory or a .gguf file) onto
     ``device``. ``seed`` only matters for presets. Raises ModelNotFound / UnsupportedModel.
 
     ``offload``: keep the decoder layers in a host arena for streaming; True, False, or a
-    function of the model's weight bytes that decides (e.g. "they don't fit the budget").
+    function of the model's weight bytes that decides (e.g. "they don't fit the budget");
+    ``resident_layers``: with offload, keep the first this many decoder layers on the device.
     ``log``: where to report the progress of an offloaded build (it takes a while for 13B)."""
     from djinn.models import offload as off
 
@@ -195,7 +197,7 @@ def load_model(
         config = ref.preset.make_config()
         if _decide(offload, lambda: _meta_bytes(config, dtype)):
             model, arena = off.build_random_offloaded(config, device=device, dtype=dtype, seed=seed,
-                                                      seeded=_seeded, log=log)
+                                                      seeded=_seeded, log=log, resident_layers=resident_layers)
         else:
             model = build_random(config, device=device, dtype=dtype, seed=seed)
         tokenizer, is_chat = byte_tokenizer(), False
@@ -203,7 +205,7 @@ def load_model(
         with progress_bars(progress):
             model, tokenizer = _load_local(ref, dtype)
         if _decide(offload, lambda: off.param_bytes(model)):
-            arena = off.offload_loaded(model, device, log=log)
+            arena = off.offload_loaded(model, device, log=log, resident_layers=resident_layers)
         else:
             model.to(device)
         is_chat = getattr(tokenizer, "chat_template", None) is not None

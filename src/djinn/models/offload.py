@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 
-from djinn.errors import UnsupportedModel
+from djinn.errors import InvalidRequest, UnsupportedModel
 from djinn.memory.streaming import HostArena
 from djinn.models.adapter import locate
 
@@ -95,19 +95,26 @@ def _init_walk(model: PreTrainedModel, enter: Callable[[nn.Module], None], leave
     model.tie_weights(recompute_mapping=False)
 
 
-def build_random_offloaded(config: PretrainedConfig, *, device: torch.device, dtype: torch.dtype, seed: int,
-                           seeded, log: Log | None = None) -> tuple[nn.Module, HostArena]:
-    """A random-init ``*ForCausalLM`` whose decoder layers live in a new host arena.
+def _streamed(model: nn.Module, resident_layers: int) -> list[nn.Module]:
+    """The decoder layers that go to the arena: all but the first ``resident_layers``."""
+    layers = list(locate(model).layers)
+    if not isinstance(resident_layers, int) or not 0 <= resident_layers < len(layers):
+        raise InvalidRequest(f"resident decoder layers must be a whole number in [0, {len(layers)}) for this model "
+                             f"({len(layers)} layers), got {resident_layers!r}")
+    return layers[resident_layers:]
 
-    ``seeded(seed, device)``: the context that seeds the device's generator (loading._seeded)."""
+
+def build_random_offloaded(config: PretrainedConfig, *, device: torch.device, dtype: torch.dtype, seed: int,
+                           seeded, log: Log | None = None, resident_layers: int = 0) -> tuple[nn.Module, HostArena]:
+    """A random-init ``*ForCausalLM`` whose decoder layers (but the first ``resident_layers``) live
+    in a new host arena. ``seeded(seed, device)``: seeds the device's generator (loading._seeded)."""
     log = log or _quiet
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    arch = locate(model)
-    layers = list(arch.layers)
+    layers = _streamed(model, resident_layers)
     layer_of = {id(layer): k for k, layer in enumerate(layers)}
     in_layers = {id(m) for layer in layers for m in layer.modules()}
-    arena = _new_arena(layers, device, log)
+    arena = _new_arena(layers, device, log, first=resident_layers)
     for module in model.modules():
         if id(module) not in in_layers:
             module.to_empty(device=device, recurse=False)
@@ -127,7 +134,7 @@ def build_random_offloaded(config: PretrainedConfig, *, device: torch.device, dt
         _check_finite(list(module.named_parameters()) + list(module.named_buffers()), f"decoder layer {k}")
         arena.place(k)
         if k % 8 == 7 or k == len(layers) - 1:
-            log(f"  initialised {k + 1}/{len(layers)} decoder layers into the arena "
+            log(f"  initialised {k + 1}/{len(layers)} streamed decoder layers into the arena "
                 f"({time.perf_counter() - started:.1f} s)")
 
     with seeded(seed, device):
@@ -139,24 +146,26 @@ def build_random_offloaded(config: PretrainedConfig, *, device: torch.device, dt
     return model, arena
 
 
-def offload_loaded(model: nn.Module, device: torch.device, log: Log | None = None) -> HostArena:
+def offload_loaded(model: nn.Module, device: torch.device, log: Log | None = None,
+                   resident_layers: int = 0) -> HostArena:
     """Move a model held in host memory (fresh from ``from_pretrained``) into the streamed layout:
-    decoder layers into a new arena, layer by layer; everything else onto ``device``."""
+    decoder layers (but the first ``resident_layers``) into a new arena, layer by layer; everything
+    else onto ``device``."""
     log = log or _quiet
-    layers = list(locate(model).layers)
-    arena = _new_arena(layers, device, log)
+    layers = _streamed(model, resident_layers)
+    arena = _new_arena(layers, device, log, first=resident_layers)
     for k in range(len(layers)):
         arena.place(k)
     _to_device_except(model, {id(m) for layer in layers for m in layer.modules()}, device)
     return arena
 
 
-def _new_arena(layers: list[nn.Module], device: torch.device, log: Log) -> HostArena:
+def _new_arena(layers: list[nn.Module], device: torch.device, log: Log, first: int) -> HostArena:
     pin = device.type == "cuda"   # pinning needs CUDA; on CPU the "device" ring is RAM as well
     started = time.perf_counter()
     nbytes = sum(param_bytes(layer) for layer in layers)
     log(f"  allocating a {'pinned ' if pin else ''}host arena for {len(layers)} decoder layers "
         f"({nbytes / 2**30:.2f} GiB)...")
-    arena = HostArena(layers, range(len(layers)), pin=pin)
+    arena = HostArena(layers, range(first, first + len(layers)), pin=pin)
     log(f"  arena ready in {time.perf_counter() - started:.1f} s")
     return arena
