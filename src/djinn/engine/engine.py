@@ -59,12 +59,13 @@ class Engine:
         if name in self.runtimes:
             raise InvalidRequest(f"model {name!r} is already loaded")
         mem = self.config.memory
-        weights = sum(rt.loaded.weight_bytes() for rt in self.runtimes.values()) + loaded.weight_bytes()
+        weights = (sum(rt.device_weight_bytes for rt in self.runtimes.values())
+                   + ModelRuntime.device_weight_bytes_for(loaded, mem))
         kv_taken = sum(rt.pool.total_bytes for rt in self.runtimes.values())
         budget = plan(mem, loaded.device, weights + kv_taken)
         block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
         blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, budget.kv_bytes // block_bytes)
-        self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks)
+        self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks, memory=mem)
         self.budget = budget
 
     # ---- public, thread-safe ---------------------------------------------------------
@@ -305,5 +306,6 @@ class Engine:
             "sessions": len(self.sessions), "sessions_by_phase": phases,
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
+            "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},
             **self.counters,
         }

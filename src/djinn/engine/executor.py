@@ -6,12 +6,16 @@ embeddings, masks) and captures the arguments that code passes to the layers; ``
 runs decoder layers as units, calling an optional per-layer hook (interventions, captures);
 ``finish`` applies the final norm and the LM head. A ``ForwardState`` between calls is all a
 paused forward needs; it holds no global state, so several forwards can be in flight.
+
+``layer_source`` (optional) is told before and after each decoder layer runs: a weight
+streamer (djinn.memory.streaming) uses it to bring the layer's weights onto the device. It is
+the only way the executor knows a model is streamed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -19,6 +23,14 @@ from djinn.engine.cache import PagedCache
 from djinn.models.adapter import Architecture
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class LayerSource(Protocol):
+    """Where decoder layers' weights come from: called around every decoder layer."""
+
+    def before_layer(self, layer: int) -> None: ...
+
+    def after_layer(self, layer: int) -> None: ...
 
 
 class _Captured(Exception):
@@ -44,9 +56,10 @@ class ForwardState:
 class Executor:
     """Executes forwards of one model. Stateless apart from the model it runs."""
 
-    def __init__(self, model: torch.nn.Module, arch: Architecture):
+    def __init__(self, model: torch.nn.Module, arch: Architecture, layer_source: LayerSource | None = None):
         self.model = model
         self.arch = arch
+        self.layer_source = layer_source
 
     @property
     def num_layers(self) -> int:
@@ -81,8 +94,16 @@ class Executor:
         """Run decoder layers ``st.next_layer .. until`` (inclusive; None = all)."""
         last = self.num_layers - 1 if until is None else until
         h = st.hidden
+        src = self.layer_source
         for i in range(st.next_layer, last + 1):
-            out = self.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
+            if src is None:
+                out = self.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
+            else:
+                src.before_layer(i)
+                try:
+                    out = self.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
+                finally:
+                    src.after_layer(i)
             h = out[0] if isinstance(out, tuple) else out
             if hook is not None:
                 h = hook(i, h)

@@ -1,4 +1,5 @@
-"""Memory: budgets, the device KV block pool and (later) the pinned host arena and pager."""
+"""Memory: budgets, the device KV block pool, weight streaming (host arena, device ring of slots,
+copy engines) and (later) the KV pager."""
 
 from djinn.memory.blocks import BlockPool, KVShape
 
