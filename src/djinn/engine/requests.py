@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 
 from djinn.engine.sampling import SamplingParams
 
@@ -12,6 +15,14 @@ class GenerateRequest:
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     chat: bool | None = None          # None: chat-templated when the model is a chat model and prompt is text
+    # Hooks for front ends (the HTTP API's streaming and grammar-constrained tool calls). Both run on
+    # the engine loop thread, so they must be quick and must not call back into the engine.
+    # logits_processor(out, logits): ``out`` = tokens generated so far this turn, ``logits`` = [1, vocab]
+    # float logits of the next token; returns the logits to sample from (e.g. masked by a grammar).
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    # on_token(token_id): called after each generated token joins the session. Raising from it (e.g.
+    # djinn.errors.Cancelled when the client went away) aborts the turn and rolls the session back.
+    on_token: Callable[[int], None] | None = None
 
 
 @dataclass
