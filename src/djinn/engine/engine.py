@@ -19,17 +19,23 @@ from djinn.engine.requests import GenerateRequest, GenerateResult
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler
 from djinn.engine.session import Phase, Session
+from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
 from djinn.memory.budget import plan
 
 
 @dataclass
 class _Turn:
-    """One generate call in progress on the loop."""
+    """One generate call in progress on the loop: what finishing or undoing it needs."""
 
     session: Session
     runtime: ModelRuntime
     new_tokens: list[int]
+    new_msgs: list[dict]
+    cached: int               # the session's num_cached before the turn
+    history_len: int          # len(session.tokens) before the turn
+    started: float
+    submitted: float
 
 
 class Engine:
@@ -41,6 +47,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
         self.loop = EngineLoop()
+        self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
 
@@ -87,6 +94,25 @@ class Engine:
     def stats(self) -> dict:
         return self.loop.call(self._stats)
 
+    # ---- white-box: breakpoints, server-side tensors (engine/whitebox.py) -------------
+    def forward(self, session_id: str, input_ids, breakpoint: int | None = None, interventions=(),
+                owner: str | None = None) -> dict:
+        """Run a forward over ``input_ids``: ``{"logits": tensor_ref}``, or with a breakpoint
+        ``{"paused": paused_ref}`` after that decoder layer."""
+        return self.loop.call(self.whitebox.forward, session_id, input_ids, breakpoint, interventions, owner)
+
+    def resume(self, paused_id: str, activation=None, tensors=(), owner: str | None = None) -> dict:
+        """Continue a paused forward (``{"logits": ...}``) or generation (``{"generation": ...}``),
+        optionally with a replacement activation (a tensor or an expression tree over ``tensors``)."""
+        return self.loop.call(self.whitebox.resume, paused_id, activation, tensors, owner)
+
+    def fetch(self, tensor_id: str, expr: dict | None = None, tensors=(), owner: str | None = None) -> torch.Tensor:
+        """A server-side tensor (or an expression over that session's tensors) as a CPU tensor."""
+        return self.loop.call(self.whitebox.fetch, tensor_id, expr, tensors, owner)
+
+    def release(self, tensor_id: str, owner: str | None = None) -> None:
+        self.loop.call(self.whitebox.release, tensor_id, owner)
+
     def shutdown(self) -> None:
         try:
             self.loop.call(self._close_all)
@@ -118,6 +144,7 @@ class Engine:
 
     def _close_session(self, session_id: str, owner: str | None) -> None:
         s = self._session(session_id, owner)
+        self.whitebox.on_close(s)
         self._free_kv(s)
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
@@ -192,6 +219,7 @@ class Engine:
         rt = self.runtime(s.model)
         params = req.params
         params.validate()
+        wb_plan = self.whitebox.plan(rt, req) if req.whitebox else None
         new, new_msgs = self._prompt_tokens(s, rt, req)
         total_prompt = len(s.tokens) + len(new)
         if total_prompt >= rt.max_context:
@@ -199,27 +227,39 @@ class Engine:
                 f"prompt too long: the session would hold {total_prompt} tokens, the model's context is "
                 f"{rt.max_context}; start a new session or shorten the prompt"
             )
-        cached = s.num_cached
-        history_len = len(s.tokens)
+        turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), started, submitted)
         s.tokens.extend(new)
         try:
-            result = self._run_turn(s, rt, params, started, req)
+            if wb_plan is None:
+                result = self._run_turn(s, rt, params, started, req)
+            else:
+                result = self.whitebox.run_turn(turn, params, wb_plan)
+                if result.paused is not None:  # stopped at a breakpoint: resume() finishes the turn
+                    return result
         except BaseException:
-            # leave the session exactly as before the turn (its KV past num_cached is garbage)
-            del s.tokens[history_len:]
-            s.num_cached = min(s.num_cached, cached)
+            self._rollback_turn(turn)
             raise
-        s.messages.extend(new_msgs)
-        if new_msgs:
+        return self._complete_turn(turn, result)
+
+    def _rollback_turn(self, turn: _Turn) -> None:
+        """Leave the session exactly as before the turn (its KV past num_cached is garbage)."""
+        s = turn.session
+        del s.tokens[turn.history_len:]
+        s.num_cached = min(s.num_cached, turn.cached)
+
+    def _complete_turn(self, turn: _Turn, result: GenerateResult) -> GenerateResult:
+        s = turn.session
+        s.messages.extend(turn.new_msgs)
+        if turn.new_msgs:
             s.messages.append({"role": "assistant", "content": result.text})
         s.turns += 1
         s.touch()
-        result.prompt_tokens = len(new)
-        result.cached_tokens = cached
+        result.prompt_tokens = len(turn.new_tokens)
+        result.cached_tokens = turn.cached
         result.session_id = s.id
-        result.timings["queue_ms"] = (started - submitted) * 1e3
+        result.timings["queue_ms"] = (turn.started - turn.submitted) * 1e3
         result.timings.setdefault("restore_ms", 0.0)
-        result.timings["total_ms"] = (time.perf_counter() - submitted) * 1e3
+        result.timings["total_ms"] = (time.perf_counter() - turn.submitted) * 1e3
         self.counters["turns"] += 1
         self.counters["tokens_generated"] += len(result.token_ids)
         return result
@@ -293,7 +333,7 @@ class Engine:
         return {
             "device": str(next(iter(self.runtimes.values())).device),
             "memory": {"weights": sum(weights.values()), "weights_by_model": weights, "kv_device": kv_used,
-                       "kv_device_capacity": kv_total, "kv_parked": 0},
+                       "kv_device_capacity": kv_total, "kv_parked": 0, "tensors": self.whitebox.store.total_bytes},
             "sessions": len(self.sessions), "sessions_by_phase": phases,
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
