@@ -82,6 +82,13 @@ class Engine:
     def signal_phase(self, session_id: str, phase: str, owner: str | None = None) -> None:
         self.loop.call(self._signal_phase, session_id, phase, owner)
 
+    def truncate(self, session_id: str, length: int, owner: str | None = None) -> None:
+        """Cut a session's history to its first ``length`` tokens, dropping their KV past that.
+
+        For front ends that find a client's conversation diverging from the session (an edited
+        message, a re-tokenized reply): KV of tokens that no longer match is never reused."""
+        self.loop.call(self._truncate, session_id, length, owner)
+
     def session_info(self, session_id: str, owner: str | None = None) -> dict:
         return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
 
@@ -152,6 +159,25 @@ class Engine:
         s.phase = Phase(phase)
         s.touch()
 
+    def _truncate(self, session_id: str, length: int, owner: str | None) -> None:
+        s = self._session(session_id, owner)
+        if s.phase is Phase.PAUSED:
+            raise InvalidRequest("the session is paused at a breakpoint: resume it before truncating")
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= len(s.tokens):
+            raise InvalidRequest(f"truncate length must be an integer in [0, {len(s.tokens)}], got {length!r}")
+        if length == len(s.tokens):
+            return
+        del s.tokens[length:]
+        s.num_cached = min(s.num_cached, length)
+        keep = self.runtime(s.model).kv.blocks_for(s.num_cached)
+        if len(s.block_table) > keep:
+            self.runtime(s.model).pool.release(s.block_table[keep:])
+            del s.block_table[keep:]
+        # the templated chat history no longer describes the tokens: later text turns start afresh
+        s.messages = []
+        s.ended_with_eos = False
+        s.touch()
+
     def _close_all(self) -> None:
         for sid in list(self.sessions):
             self._close_session(sid, self.sessions[sid].owner)
@@ -206,7 +232,7 @@ class Engine:
         s.tokens.extend(new)
         try:
             if wb_plan is None:
-                result = self._run_turn(s, rt, params, started)
+                result = self._run_turn(s, rt, params, started, req)
             else:
                 result = self.whitebox.run_turn(turn, params, wb_plan)
                 if result.paused is not None:  # stopped at a breakpoint: resume() finishes the turn
@@ -240,7 +266,8 @@ class Engine:
         return result
 
     @torch.inference_mode()
-    def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float) -> GenerateResult:
+    def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float,
+                  req: GenerateRequest | None = None) -> GenerateResult:
         device = rt.device
         sampler = Sampler(params, device)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(rt.eos_ids()))
@@ -257,11 +284,16 @@ class Engine:
             logits = rt.executor.forward(cache, ids)
             s.num_cached += len(pending)
             computed += len(pending)
-            nxt = int(sampler(logits[-1:])[0])
+            last = logits[-1:]
+            if req is not None and req.logits_processor is not None:
+                last = req.logits_processor(out, last)
+            nxt = int(sampler(last)[0])
             if t_prefill is None:
                 t_prefill = time.perf_counter()
             out.append(nxt)
             s.tokens.append(nxt)
+            if req is not None and req.on_token is not None:
+                req.on_token(nxt)
             if nxt in stop_ids:
                 finish = "stop"
                 break
