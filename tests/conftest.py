@@ -45,3 +45,15 @@ def smollm2():
     if not smollm2_available():
         pytest.skip(f"{SMOLLM2} not in the model cache: run `djinn models pull {SMOLLM2}`")
     return loaded(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def djinn_server():
+    """One real ``djinn serve`` (tiny-llama, a small KV pool, no token, loopback) shared by the
+    test modules that run the public API remotely; stopped (SIGTERM) at the end."""
+    from tests.serverproc import ServerProcess
+
+    server = ServerProcess("--kv-blocks", "256").start()
+    yield server
+    code = server.stop()
+    assert code == 0, f"djinn serve exited with {code}:\n{server.output}"

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home
+from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home, parse_size
 from djinn.errors import DjinnError
 
 BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak")
@@ -27,12 +27,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> Config:
     mem = MemoryConfig(gpu_memory=getattr(args, "gpu_memory", None), host_memory=getattr(args, "host_memory", None),
-                       policy=getattr(args, "policy", "semantic"), block_size=getattr(args, "block_size", 16))
+                       policy=getattr(args, "policy", "semantic"), block_size=getattr(args, "block_size", 16),
+                       kv_blocks=getattr(args, "kv_blocks", None))
     engine = EngineConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
                           seed=getattr(args, "seed", 0), memory=mem)
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 5556),
                           token=getattr(args, "token", None) or os.environ.get("DJINN_TOKEN"),
                           http_port=getattr(args, "http_port", None))
+    if getattr(args, "lease", None) is not None:
+        server.lease_seconds = args.lease
+    if getattr(args, "max_message_size", None) is not None:
+        server.max_message_bytes = parse_size(args.max_message_size)
     return Config(models=list(getattr(args, "model", None) or []), home=default_home(), engine=engine, server=server)
 
 
@@ -52,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API")
     serve.add_argument("--offload", action="store_true", help="stream weights from host memory")
     serve.add_argument("--stream-slots", type=int, default=None, help="device ring slots for weight streaming")
+    serve.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                       help="how long a dropped client's sessions wait for it to reconnect (default 300)")
+    serve.add_argument("--max-message-size", default=None, metavar="SIZE",
+                       help="largest message a client may send or receive (default 256MiB)")
+    serve.add_argument("--kv-blocks", type=int, default=None,
+                       help="explicit number of device KV blocks per model (overrides the budget; tests)")
     _engine_args(serve)
 
     models = sub.add_parser("models", help="list or fetch models")
