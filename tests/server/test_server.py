@@ -17,12 +17,13 @@ import torch
 import djinn
 from djinn import cli
 from djinn.server.auth import check_bind, is_loopback
-from tests.conftest import loaded
-from tests.serverproc import ServerProcess, subprocess_env
+from tests.conftest import TEST_CHILD_ENV, loaded
+from djinn.server.launch import ServerProcess, subprocess_env
 from tests.server.raw import Peer, frame, raw_frame
 
 TOKEN = "test-token-" + "x" * 24
 MODEL = "tiny-llama"
+LIMIT = 256 << 10     # the server's message limit here: small, so tests can cross it
 
 
 def hf_greedy(history: list[int], n: int) -> list[int]:
@@ -35,7 +36,8 @@ def hf_greedy(history: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def srv():
-    server = ServerProcess("--kv-blocks", "256", "--lease", "1", token=TOKEN).start()
+    server = ServerProcess("--kv-blocks", "256", "--lease", "1", "--max-message-size", f"{LIMIT}B", token=TOKEN,
+                           env=TEST_CHILD_ENV).start()
     yield server
     server.stop()
 
@@ -205,6 +207,54 @@ def test_a_bad_client_holding_memory_then_sending_garbage_frees_it_after_its_lea
     assert stats["sessions_expired"] >= 1
 
 
+def test_messages_over_the_size_limit_are_refused_both_ways(srv, good):
+    before = good.memory()
+    big = torch.zeros(LIMIT // 4 + 1024)
+    c = djinn.connect(srv.address, token=TOKEN)
+    try:
+        with pytest.raises(djinn.InvalidRequest, match="at most 262144 bytes"):
+            c._backend.echo([big])                          # refused on the client, before sending
+        s = c.model(MODEL).session()
+        logits = s.forward([i % 250 for i in range(300)]).logits   # 300 x 259 float32 = 310,800 bytes
+        with pytest.raises(djinn.InvalidRequest, match="message limit.*slices"):
+            logits.fetch()
+        part = logits[:100].fetch()                         # a slice, evaluated on the server, fits
+        assert part.shape == (100, 259)
+        s.close()
+    finally:
+        c.close()
+    with Peer(srv.host_port) as peer:                       # a peer that ignores the limit
+        _hello(peer)
+        peer.send(frame({"op": "echo", "id": 2, "data": [0]}, [big]))
+        reply = peer.reply()
+        assert reply["error"]["code"] == "protocol" and "exceeds the limit of 262144" in reply["error"]["message"]
+        assert peer.closed_by_server()
+    good.check()
+    assert wait_for(lambda: good.memory() == before or None, 5, "memory back to where it was")
+
+
+def test_cancel_stops_a_request_still_waiting_for_the_engine(srv, good):
+    with Peer(srv.host_port) as peer:
+        _hello(peer)
+        sid = peer.request("session_open", model=MODEL)["session_id"]
+        sid2 = peer.request("session_open", model=MODEL)["session_id"]
+        peer.send(frame({"op": "generate", "id": 10, "session_id": sid, "prompt": [1, 2, 3], "max_new_tokens": 300,
+                         "ignore_eos": True}))
+        peer.send(frame({"op": "generate", "id": 11, "session_id": sid2, "prompt": [4, 5], "max_new_tokens": 3}))
+        peer.send(frame({"op": "cancel", "id": 12, "target_id": 11}))
+        peer.send(frame({"op": "cancel", "id": 13, "target_id": 999}))
+        replies = {r["id"]: r for r in (peer.reply() for _ in range(4))}
+        assert replies[12]["ok"] and replies[12]["cancelled"] is True
+        assert replies[13]["ok"] and replies[13]["cancelled"] is False
+        assert replies[11]["error"]["code"] == "cancelled"
+        assert replies[10]["ok"] and len(replies[10]["token_ids"]) == 300   # the running one finished
+        info = peer.request("session_info", session_id=sid2)["info"]
+        assert info["tokens"] == 0                          # the cancelled generation never ran
+        for x in (sid, sid2):
+            assert peer.request("close", session_id=x)["ok"]
+    good.check()
+
+
 # ---- dropped and killed clients ------------------------------------------------------------------
 def test_a_dropped_client_reconnects_and_takes_its_session_up(srv, good):
     c = djinn.connect(srv.address, token=TOKEN)
@@ -253,7 +303,7 @@ def test_a_client_killed_mid_generation_leaves_nothing_once_its_lease_ends(srv, 
     before = good.memory()
     counters = good.client.stats()
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, srv.address, TOKEN], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(**TEST_CHILD_ENV))
     try:
         _read_until(proc, "READY")
         during = good.memory()

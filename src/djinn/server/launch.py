@@ -1,8 +1,9 @@
-"""A real ``djinn serve`` in a subprocess, for tests: on a port the system picks, stopped cleanly.
+"""``djinn serve`` as a child process, for tests and benchmarks: on a port the system picks.
 
-The port is never hard-coded: the server binds port 0 and the test reads the address from
+The port is never hard-coded: the server binds port 0 and the parent reads the address from
 its "listening on" line. Output is collected by a thread (the pipe never fills) and kept
-for assertions and for failure messages.
+for assertions and failure messages. The child runs the same djinn as the parent (its
+``src`` first on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("DJINN_TOKEN", None)
-    # one intra-op thread: the test models are tiny, and on a shared 2-core machine torch's
-    # OpenMP threads of a server, its clients and pytest only wait on each other (measured:
-    # 2.7 ms per tiny-llama decode step with one thread, 40-75 ms with two under load)
-    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 
 
 class ServerProcess:
-    def __init__(self, *args: str, model: str = "tiny-llama", token: str | None = None):
-        self.args = ["serve", "--model", model, "--device", "cpu", "--port", "0", *args]
+    def __init__(self, *args: str, model: str = "tiny-llama", token: str | None = None, device: str = "cpu",
+                 env: dict[str, str] | None = None):
+        """``args``: more ``djinn serve`` options (e.g. ``--kv-blocks 64``, ``--lease 1``);
+        ``env``: extra environment variables of the child."""
+        self.env = dict(env or {})
+        self.args = ["serve", "--model", model, "--device", device, "--port", "0", *args]
         if token is not None:
             self.args += ["--token", token]
         self.token = token
@@ -46,7 +47,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", "djinn.cli", *self.args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=subprocess_env(), bufsize=1)
+                                     stderr=subprocess.STDOUT, text=True, env=subprocess_env(**self.env), bufsize=1)
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
         if not self._listening.wait(timeout) or self.address is None:
