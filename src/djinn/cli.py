@@ -32,7 +32,9 @@ def _config(args: argparse.Namespace) -> Config:
     engine = EngineConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
                           seed=getattr(args, "seed", 0), memory=mem)
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 5556),
-                          token=getattr(args, "token", None) or os.environ.get("DJINN_TOKEN"),
+                          # an explicit --token "" is refused by serve(); an empty DJINN_TOKEN counts as unset
+                          token=args.token if getattr(args, "token", None) is not None
+                          else os.environ.get("DJINN_TOKEN") or None,
                           http_port=getattr(args, "http_port", None))
     if getattr(args, "lease", None) is not None:
         server.lease_seconds = args.lease

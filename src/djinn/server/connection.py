@@ -11,8 +11,9 @@ Lifecycle and invariants:
   closed. A frame that reads but does not validate (unknown op, bad field) is answered
   with a typed error for its request id and the connection stays usable.
 - Each request runs as its own task, so a ``cancel`` or a ``stats`` is read while a long
-  generation runs; at most ``MAX_IN_FLIGHT`` per connection (then reading waits). Replies
-  are written whole, one at a time (a write lock), and carry their request's id.
+  generation runs. Per connection at most ``MAX_IN_FLIGHT`` requests, and payloads of about
+  two messages, are held at once; then reading waits. Replies are written whole, one at a
+  time (a write lock), and carry their request's id.
 - When the connection ends, its requests that have not reached the engine yet are
   cancelled and its sessions start their leases (server/leases.py).
 """
@@ -20,6 +21,7 @@ Lifecycle and invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import socket
@@ -51,7 +53,9 @@ class Connection:
         self.owner: str | None = None
         self._write_lock = asyncio.Lock()
         self._sending: asyncio.Task | None = None
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task] = set()    # requests being handled (read, not yet answered)
+        self._held_bytes = 0                        # their payload bytes
+        self._room = asyncio.Event()                # set when a request finished
         self._inflight: dict[int, tuple[asyncio.Task, EngineCall]] = {}
         self.closing = False
 
@@ -90,7 +94,7 @@ class Connection:
             log.info("connection %s (%s) refused: %s", self.id, self.peer, exc)
             await self._send(error_reply(rid, exc))
             return False
-        self.owner = principal(self.server.config.token, req["client_key"] if "client_key" in req else None, self.id)
+        self.owner = principal(self.server.config.token, req.get("client_key"), self.id)
         self.server.leases.connected(self.id)
         await self._send(ok_reply(rid, **hello_reply(self.server)))
         return True
@@ -98,14 +102,22 @@ class Connection:
     async def _serve(self) -> None:
         limit = self.server.config.max_message_bytes
         while True:
-            await self._slots.acquire()
-            try:
-                msg = await recv_frame(self.loop, self.sock, limit)
-            except BaseException:
-                self._slots.release()
-                raise
-            task = asyncio.get_running_loop().create_task(self._request(msg.header, msg.tensors))
-            task.add_done_callback(lambda _t: self._slots.release())
+            # backpressure: a client cannot make the server hold more than MAX_IN_FLIGHT requests,
+            # nor more than about two messages' worth of payload, for it at once
+            while len(self._tasks) >= MAX_IN_FLIGHT or self._held_bytes >= limit:
+                self._room.clear()
+                await self._room.wait()
+            msg = await recv_frame(self.loop, self.sock, limit)
+            size = sum(t.numel() * t.element_size() for t in msg.tensors)
+            self._held_bytes += size
+            task = self.loop.create_task(self._request(msg.header, msg.tensors))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._finished, size))
+
+    def _finished(self, size: int, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._held_bytes -= size
+        self._room.set()
 
     async def _close(self) -> None:
         self.closing = True
