@@ -4,7 +4,9 @@ Weights load once; each session's token history and KV cache live on the server;
 when they wait for tools so memory moves ahead of need. See README.md and docs/.
 """
 
-from djinn.client import Add, AsyncClient, Client, ForwardResult, Model, Paused, RemoteTensor, Scale, Session, aconnect, connect
+from djinn.client import (
+    Add, AsyncClient, Client, ForwardResult, Model, Paused, RemoteTensor, Scale, Session, aconnect, connect,
+)
 from djinn.engine.requests import GenerateResult
 from djinn.errors import (
     AuthError,

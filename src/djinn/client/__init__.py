@@ -38,4 +38,5 @@ def connect(address: str | None = None, token: str | None = None, *, models: lis
     return Client(EmbeddedBackend(config))
 
 
-__all__ = ["connect", "aconnect", "AsyncClient", "AsyncModel", "AsyncSession", "Client", "Model", "Session", "RemoteTensor", "Paused", "ForwardResult", "Scale", "Add"]
+__all__ = ["connect", "aconnect", "AsyncClient", "AsyncModel", "AsyncSession", "Client", "Model", "Session",
+           "RemoteTensor", "Paused", "ForwardResult", "Scale", "Add"]

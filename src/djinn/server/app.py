@@ -31,6 +31,8 @@ ENGINE_STOP_TIMEOUT_S = 30.0
 
 
 def _mib(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:,.1f} KiB"
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
@@ -46,12 +48,15 @@ def banner(engine: Engine, config: Config, address: tuple[str, int], http: str |
     s = config.server
     lines = [f"djinn: listening on {where} (native protocol; clients: djinn.connect(\"{where}\"))"]
     budget = getattr(engine, "budget", None)
-    lines.append(f"  device: {stats['device']}" + (f"; {budget.describe()}" if budget is not None else ""))
+    explicit = engine.config.memory.kv_blocks is not None   # --kv-blocks overrides the budget's KV share
+    lines.append(f"  device: {stats['device']}" + (f"; {budget.describe()}" if budget is not None and not explicit
+                                                   else ""))
     for name, rt in engine.runtimes.items():
         kv = stats["kv_blocks"][name]
         lines.append(f"  model {name}: {rt.arch.num_layers} layers, {str(rt.loaded.dtype).removeprefix('torch.')}, "
-                     f"weights {_mib(mem['weights_by_model'][name])}, KV pool {kv['used'] + kv['free']} blocks x "
-                     f"{_mib(kv['block_bytes'])} ({rt.kv.block_size} tokens each)")
+                     f"weights {_mib(mem['weights_by_model'][name])}, KV pool {_mib(rt.pool.total_bytes)}: "
+                     f"{kv['used'] + kv['free']} usable blocks of {rt.kv.block_size} tokens, {_mib(kv['block_bytes'])} "
+                     "each")
     lines.append(f"  memory: weights {_mib(mem['weights'])}, KV capacity {_mib(mem['kv_device_capacity'])}, "
                  f"server-side tensors up to {_mib(engine.config.max_tensor_bytes_per_session)} per session")
     lines.append("  auth: " + ("token required in hello" if s.token else "no token (loopback only)")
