@@ -4,7 +4,9 @@ Weights load once; each session's token history and KV cache live on the server;
 when they wait for tools so memory moves ahead of need. See README.md and docs/.
 """
 
-from djinn.client import Add, Client, ForwardResult, Model, Paused, RemoteTensor, Scale, Session, connect
+from djinn.client import (
+    Add, AsyncClient, Client, ForwardResult, Model, Paused, RemoteTensor, Scale, Session, aconnect, connect,
+)
 from djinn.engine.requests import GenerateResult
 from djinn.errors import (
     AuthError,
@@ -22,7 +24,7 @@ from djinn.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "connect", "Client", "Model", "Session", "GenerateResult",
+    "connect", "aconnect", "AsyncClient", "Client", "Model", "Session", "GenerateResult",
     "Paused", "RemoteTensor", "ForwardResult", "Scale", "Add",
     "DjinnError", "InvalidRequest", "ModelNotFound", "UnsupportedModel", "SessionNotFound", "SessionClosed",
     "CapacityError", "ProtocolError", "AuthError", "Cancelled",

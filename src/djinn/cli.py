@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home
+from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home, parse_size
 from djinn.errors import DjinnError
 
 BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak")
@@ -29,12 +29,19 @@ def _config(args: argparse.Namespace) -> Config:
     mem = MemoryConfig(gpu_memory=getattr(args, "gpu_memory", None), host_memory=getattr(args, "host_memory", None),
                        policy=getattr(args, "policy", "semantic"), block_size=getattr(args, "block_size", 16),
                        offload=True if getattr(args, "offload", False) else None,
-                       stream_slots=getattr(args, "stream_slots", None), stream_chunk=getattr(args, "stream_chunk", None))
+                       stream_slots=getattr(args, "stream_slots", None), stream_chunk=getattr(args, "stream_chunk", None),
+                       kv_blocks=getattr(args, "kv_blocks", None))
     engine = EngineConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
                           seed=getattr(args, "seed", 0), memory=mem)
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 5556),
-                          token=getattr(args, "token", None) or os.environ.get("DJINN_TOKEN"),
+                          # an explicit --token "" is refused by serve(); an empty DJINN_TOKEN counts as unset
+                          token=args.token if getattr(args, "token", None) is not None
+                          else os.environ.get("DJINN_TOKEN") or None,
                           http_port=getattr(args, "http_port", None))
+    if getattr(args, "lease", None) is not None:
+        server.lease_seconds = args.lease
+    if getattr(args, "max_message_size", None) is not None:
+        server.max_message_bytes = parse_size(args.max_message_size)
     return Config(models=list(getattr(args, "model", None) or []), home=default_home(), engine=engine, server=server)
 
 
@@ -55,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--offload", action="store_true", help="stream weights from host memory")
     serve.add_argument("--stream-slots", type=int, default=None, help="device ring slots for weight streaming")
     serve.add_argument("--stream-chunk", default=None, help="bytes per weight copy, e.g. 64MiB (default: a layer)")
+    serve.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                       help="how long a dropped client's sessions wait for it to reconnect (default 300)")
+    serve.add_argument("--max-message-size", default=None, metavar="SIZE",
+                       help="largest message a client may send or receive (default 256MiB)")
+    serve.add_argument("--kv-blocks", type=int, default=None,
+                       help="explicit number of device KV blocks per model (overrides the budget; tests)")
     _engine_args(serve)
 
     models = sub.add_parser("models", help="list or fetch models")
@@ -103,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from djinn.server import serve
 
-            return serve(_config(args), offload=args.offload, stream_slots=args.stream_slots)
+            return serve(_config(args))
         if args.command == "bench":
             module = importlib.import_module(f"djinn.bench.{args.name}")
             return module.main(args.rest)

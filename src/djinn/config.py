@@ -90,6 +90,7 @@ class ServerConfig:
     http_port: int | None = None
     lease_seconds: float = 300.0       # a dropped connection's sessions live this long
     max_message_bytes: int = 256 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0   # on SIGINT/SIGTERM, in-flight requests get this long to finish
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The white-box client API (embedded backend): Paused, RemoteTensor, Scale/Add, capture.
+"""The white-box client API, embedded and remote (tests/client/conftest.py): Paused, RemoteTensor,
+Scale/Add, capture.
 
 Oracles: arithmetic done with torch on fetched tensors, and transformers with a forward hook
 written here on the same weights.
@@ -11,14 +12,8 @@ import torch
 
 import djinn
 from djinn.protocol.expr import UnsupportedOperation
+from tests.client.conftest import oracle_model
 
-
-
-@pytest.fixture(scope="module")
-def client():
-    c = djinn.connect(models=["tiny-llama"], device="cpu", kv_blocks=128)
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -30,7 +25,7 @@ def sess(client):
 
 def hf_model(client):
     """transformers' own module with the weights the client's engine serves (the oracle runs it directly)."""
-    return client._backend.engine.runtimes["tiny-llama"].loaded.model
+    return oracle_model(client)
 
 
 IDS = list(range(40, 57))

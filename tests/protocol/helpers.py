@@ -101,6 +101,10 @@ def examples() -> list[Example]:
                 {"id": 17, "ok": True, "stats": {"memory": {"weights": 1 << 30, "kv_device": 0},
                                                  "sessions": {"ACTIVE": 1}, "bandwidth_gbps": 51.5}}),
         Example("cancel", {"op": "cancel", "id": 18, "target_id": 4}, {"id": 18, "ok": True, "cancelled": True}),
+        Example("session_info", {"op": "session_info", "id": 19, "session_id": "s1"},
+                {"id": 19, "ok": True, "info": {"phase": "ACTIVE", "tokens": 12, "kv_blocks": 1}}),
+        Example("echo", {"op": "echo", "id": 20, "data": [0, 1]}, {"id": 20, "ok": True, "data": [0, 1]},
+                [vec, act], [vec, act]),
     ]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from djinn.client.aio import AsyncClient, AsyncModel, AsyncSession, aconnect
 from djinn.client.handles import Client, Model, Session
 from djinn.client.remote_tensor import RemoteTensor
 from djinn.client.whitebox import Add, ForwardResult, Paused, Scale
@@ -20,11 +22,14 @@ def connect(address: str | None = None, token: str | None = None, *, models: lis
     With no address, starts an engine in this process (embedded mode): models load on first
     ``client.model(name)`` (or up front with ``models=[...]``). The keyword options configure
     that engine (``offload``/``stream_slots``/``stream_chunk``: weight streaming, see MemoryConfig).
-    With ``"host:port"``, connects to a running ``djinn serve``.
+    With ``"host:port"``, connects to a running ``djinn serve``; ``token`` is the
+    server's ``--token`` (default: the ``DJINN_TOKEN`` environment variable).
     """
     if address is not None:
-        from djinn.client.remote import RemoteBackend  # the server issue provides it
+        from djinn.client.remote import RemoteBackend
 
+        if token is None:
+            token = os.environ.get("DJINN_TOKEN") or None
         return Client(RemoteBackend(address, token=token))
     from djinn.client.embedded import EmbeddedBackend
 
@@ -35,4 +40,5 @@ def connect(address: str | None = None, token: str | None = None, *, models: lis
     return Client(EmbeddedBackend(config))
 
 
-__all__ = ["connect", "Client", "Model", "Session", "RemoteTensor", "Paused", "ForwardResult", "Scale", "Add"]
+__all__ = ["connect", "aconnect", "AsyncClient", "AsyncModel", "AsyncSession", "Client", "Model", "Session",
+           "RemoteTensor", "Paused", "ForwardResult", "Scale", "Add"]

@@ -22,7 +22,9 @@ class Backend(ABC):
         """``{"name", "config" (PretrainedConfig), "tokenizer", "num_layers", "is_chat"}``."""
 
     @abstractmethod
-    def open_session(self, model: str) -> str: ...
+    def open_session(self, model: str, session_id: str | None = None) -> str:
+        """A new session of ``model``, or with ``session_id`` that existing session (after a
+        reconnect, or from another process of the same principal); SessionNotFound if gone."""
 
     @abstractmethod
     def generate(self, session_id: str, request: GenerateRequest) -> GenerateResult: ...

@@ -10,24 +10,7 @@ from djinn.client.backend import Backend
 from djinn.config import Config
 from djinn.engine import Engine, GenerateRequest, GenerateResult
 from djinn.errors import InvalidRequest
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequest(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise InvalidRequest(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16") from None
+from djinn.engine.startup import load_into, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 
 
 class EmbeddedBackend(Backend):
@@ -46,16 +29,7 @@ class EmbeddedBackend(Backend):
             self._ensure(name)
 
     def _ensure(self, name: str) -> None:
-        if name not in self.engine.runtimes:
-            from djinn.memory.budget import should_offload
-            from djinn.models import load_model
-
-            mem = self.config.engine.memory
-            loaded = load_model(name, device=self.device, dtype=self.dtype, home=self.config.home,
-                                seed=self.config.engine.seed,
-                                offload=lambda nbytes: should_offload(mem, self.device, nbytes),
-                                resident_layers=mem.stream_resident_layers)
-            self.engine.add_model(name, loaded)
+        load_into(self.engine, name, self.config, self.device, self.dtype)
 
     def model_info(self, name: str) -> dict[str, Any]:
         self._ensure(name)
@@ -63,8 +37,12 @@ class EmbeddedBackend(Backend):
         return {"name": name, "config": rt.loaded.config, "tokenizer": rt.tokenizer,
                 "num_layers": rt.arch.num_layers, "is_chat": rt.loaded.is_chat}
 
-    def open_session(self, model: str) -> str:
+    def open_session(self, model: str, session_id: str | None = None) -> str:
         self._ensure(model)
+        if session_id is not None:   # an existing session, by id (raises SessionNotFound if gone)
+            if self.engine.session_info(session_id)["model"] != model:
+                raise InvalidRequest(f"session {session_id} is a session of another model, not {model!r}")
+            return session_id
         return self.engine.open_session(model)
 
     def generate(self, session_id: str, request: GenerateRequest) -> GenerateResult:

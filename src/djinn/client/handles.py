@@ -132,9 +132,10 @@ class Model:
                 self._module = AutoModelForCausalLM.from_config(self.config)
         return self._module
 
-    def session(self) -> Session:
-        """Open a new server-resident session."""
-        return Session(self, self.client._backend.open_session(self.name))
+    def session(self, session_id: str | None = None) -> Session:
+        """Open a new server-resident session, or take up an existing one by its id (one this
+        client's principal owns: e.g. opened by an earlier process with the same token)."""
+        return Session(self, self.client._backend.open_session(self.name, session_id))
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.num_layers})"

@@ -17,9 +17,11 @@ message size against a limit (default 256 MiB), so an oversized frame is refused
 bytes, before any allocation. Tensors come from a closed set of ten dtypes
 (:mod:`.tensors`); each descriptor must agree with its shape, dtype and the payload size.
 
-Transport: asyncio streams on the server (:func:`read_message`, :func:`write_message`) and
-plain blocking sockets in the synchronous client (:func:`recv_message`,
-:func:`send_message`); both speak the same frames (:func:`encode_message` is shared).
+Transport: asyncio streams (:func:`read_message`, :func:`write_message`) and plain blocking
+sockets, as in the synchronous client (:func:`recv_message`, :func:`send_message`); all
+speak the same frames (:func:`encode_message` is shared). The server reads and writes with
+the event loop's ``sock_recv_into``/``sock_sendall`` on the same checks
+(``djinn/server/wire.py``), which saves the StreamReader's extra copy.
 
 Messages (:mod:`.messages`): a request is ``{"op", "id", **fields}``, a reply ``{"id",
 "ok", **result}`` or ``{"id", "ok": false, "error": {"code", "message"}}``; one

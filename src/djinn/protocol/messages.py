@@ -82,6 +82,11 @@ GENERATE_RESULT = Struct({
     "timings": Opt(MapOf(Str(64), Float(0.0)), {}),  # queue_ms, restore_ms, compute_ms, ...
     "captured": Opt(MapOf(Str(4, pattern=re.compile(r"[0-9]{1,4}")), TENSOR_REF), {}),
     "paused": Opt(Nullable(PAUSED_REF), None),
+    # token accounting of the turn (absent from older servers: treat as 0)
+    "prompt_tokens": Opt(Int(0, 2**31 - 1)),
+    "cached_tokens": Opt(Int(0, 2**31 - 1)),
+    "computed_tokens": Opt(Int(0, 2**31 - 1)),
+    "session_id": Opt(Id()),
 })
 
 REQUESTS: dict[str, Struct] = {
@@ -89,6 +94,9 @@ REQUESTS: dict[str, Struct] = {
         "version": F(Int(0, 65535)),  # the protocol version the client speaks
         "token": Opt(Nullable(Str(4096)), None),
         "client": Opt(Str(256), ""),  # e.g. "djinn-python/0.1.0", for logs
+        # a random secret the client keeps for its lifetime: on a server without a token it
+        # names who owns the sessions, so a reconnecting client gets them back (server/auth.py)
+        "client_key": Opt(Nullable(Str(128, min_len=16))),
     }),
     "model_info": Struct({"model": F(MODEL)}),
     "session_open": Struct({
@@ -106,6 +114,7 @@ REQUESTS: dict[str, Struct] = {
         "stop": Opt(ListOf(Str(1024, min_len=1), 64), []),
         "stop_token_ids": Opt(ListOf(TOKEN, 1024), []),
         "chat": Opt(Nullable(Bool()), None),  # None: the model's default (chat models: True)
+        "ignore_eos": Opt(Bool()),  # absent: False
         "interventions": Opt(ListOf(INTERVENTION, 1024), []),
         "capture": Opt(ListOf(LAYER, 4096, unique=True), []),
         "breakpoint": Opt(Nullable(Struct({"layer": F(LAYER), "step": F(Int(0, 1 << 20))})), None),
@@ -115,6 +124,7 @@ REQUESTS: dict[str, Struct] = {
         "session_id": F(Id()),
         "input_ids": F(AnyOf(ListOf(TOKEN, MAX_TOKENS, min_len=1), tensor_index("int"))),
         "breakpoint": Opt(Nullable(LAYER), None),  # pause after this layer
+        "interventions": Opt(ListOf(INTERVENTION, 1024)),  # absent: none
     }),
     "resume": Struct({
         "paused_id": F(Id()),
@@ -129,6 +139,10 @@ REQUESTS: dict[str, Struct] = {
     "close": Struct({"session_id": F(Id())}),
     "stats": Struct({}),
     "cancel": Struct({"target_id": F(Int(1, 2**63 - 1))}),  # the id of a request in flight
+    "session_info": Struct({"session_id": F(Id())}),
+    # the payload tensors sent straight back, no engine involved: a health check and the
+    # benchmark of the transport itself (djinn bench protocol)
+    "echo": Struct({"data": Opt(ListOf(tensor_index(), 1024))}),
 }
 
 REPLIES: dict[str, Struct] = {
@@ -161,6 +175,8 @@ REPLIES: dict[str, Struct] = {
     "close": Struct({}),
     "stats": Struct({"stats": F(Json())}),  # memory by segment, sessions by phase, swaps, ...
     "cancel": Struct({"cancelled": Opt(Bool())}),  # False: nothing in flight had that id
+    "session_info": Struct({"info": F(Json())}),  # phase, tokens, KV blocks and where they live
+    "echo": Struct({"data": Opt(ListOf(tensor_index(), 1024))}),
 }
 
 ERROR = Struct({"code": F(Str(64)), "message": F(Str(MAX_ERROR_MESSAGE))})
