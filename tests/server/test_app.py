@@ -17,7 +17,6 @@ from djinn.server import app
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--offload"], "weight streaming is not available"),
     (["--lease", "-1"], "--lease"),
     (["--max-message-size", "1KiB"], "at least 64KiB"),
     (["--token", ""], "token is empty"),
