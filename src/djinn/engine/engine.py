@@ -1,7 +1,9 @@
 """The engine: loaded models, server-resident sessions, and generation.
 
 Public methods are thread-safe: they run their work on the engine loop (one thread owns the
-device) and wait for it. Methods whose name starts with ``_`` run on the loop.
+device) and wait for it. Methods whose name starts with ``_`` run on the loop. The exception is
+``signal_phase``: it must return at once, so it runs on the caller's thread and goes straight to
+``engine.residency`` (which has its own lock) instead of queueing behind a running turn.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from djinn.engine.cache import PagedCache
 from djinn.engine.chat import turn_text
 from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
+from djinn.engine.residency import Residency
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler
 from djinn.engine.session import Phase, Session
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
-from djinn.memory.budget import plan
+from djinn.memory.budget import plan, plan_host
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
         self.loop = EngineLoop()
+        self.residency: Residency | None = None       # where each session's KV lives (first model's device)
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
 
@@ -57,7 +61,16 @@ class Engine:
         budget = plan(mem, loaded.device, weights + kv_taken)
         block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
         blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, budget.kv_bytes // block_bytes)
-        self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks)
+        rt = ModelRuntime.build(name, loaded, mem.block_size, blocks)
+        if self.residency is None:
+            self.residency = Residency(mem, loaded.device)
+        if mem.host_blocks is not None:
+            host_blocks = mem.host_blocks
+        else:
+            taken = sum(t.arena.target_bytes for t in self.residency.tiers.values())
+            host_blocks = plan_host(mem, rt.pool.total_bytes, taken) // rt.kv.block_bytes
+        self.residency.add_model(name, rt.pool, host_blocks)
+        self.runtimes[name] = rt
         self.budget = budget
 
     # ---- public, thread-safe ---------------------------------------------------------
@@ -72,7 +85,11 @@ class Engine:
         self.loop.call(self._close_session, session_id, owner)
 
     def signal_phase(self, session_id: str, phase: str, owner: str | None = None) -> None:
-        self.loop.call(self._signal_phase, session_id, phase, owner)
+        """``IO_WAIT`` / ``ACTIVE``. Returns at once; the copy it starts runs in the background."""
+        if phase not in (Phase.IO_WAIT.value, Phase.ACTIVE.value):
+            raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
+        s = self._session(session_id, owner)
+        self.residency.signal(s, Phase(phase))
 
     def session_info(self, session_id: str, owner: str | None = None) -> dict:
         return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
@@ -85,6 +102,8 @@ class Engine:
             self.loop.call(self._close_all)
         finally:
             self.loop.shutdown()
+            if self.residency is not None:
+                self.residency.close()
 
     # ---- loop side -------------------------------------------------------------------
     def runtime(self, model: str) -> ModelRuntime:
@@ -106,6 +125,7 @@ class Engine:
         if len(self.sessions) >= self.config.max_sessions:
             raise CapacityError(f"too many sessions ({self.config.max_sessions}); close some first")
         s = Session(model=model, owner=owner)
+        self.residency.register(s)
         self.sessions[s.id] = s
         return s.id
 
@@ -115,29 +135,15 @@ class Engine:
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
 
-    def _signal_phase(self, session_id: str, phase: str, owner: str | None) -> None:
-        s = self._session(session_id, owner)
-        if phase not in (Phase.IO_WAIT.value, Phase.ACTIVE.value):
-            raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
-        if s.phase is Phase.PAUSED:
-            raise InvalidRequest("the session is paused at a breakpoint: resume it before signalling a phase")
-        s.phase = Phase(phase)
-        s.touch()
-
     def _close_all(self) -> None:
         for sid in list(self.sessions):
             self._close_session(sid, self.sessions[sid].owner)
 
     def _free_kv(self, s: Session) -> None:
-        if s.block_table:
-            self.runtime(s.model).pool.release(s.block_table)
-        s.block_table = []
-        s.num_cached = 0
+        self.residency.release(s)
 
     def _ensure_blocks(self, s: Session, rt: ModelRuntime, tokens: int) -> None:
-        need = rt.kv.blocks_for(tokens) - len(s.block_table)
-        if need > 0:
-            s.block_table.extend(rt.pool.allocate(need))
+        self.residency.grow(s, tokens)    # a no-op after begin_turn reserved the turn's blocks
 
     def _prompt_tokens(self, s: Session, rt: ModelRuntime, req: GenerateRequest) -> tuple[list[int], list[dict]]:
         """Token ids this turn appends, and the chat messages it adds (if templated)."""
@@ -173,16 +179,20 @@ class Engine:
                 f"prompt too long: the session would hold {total_prompt} tokens, the model's context is "
                 f"{rt.max_context}; start a new session or shorten the prompt"
             )
+        # bring the KV back (restore or recompute) and reserve the whole turn's blocks up front
+        memory = self.residency.begin_turn(s, min(total_prompt + params.max_new_tokens, rt.max_context))
         cached = s.num_cached
         history_len = len(s.tokens)
         s.tokens.extend(new)
         try:
-            result = self._run_turn(s, rt, params, started)
+            result = self._run_turn(s, rt, params, time.perf_counter())
         except BaseException:
             # leave the session exactly as before the turn (its KV past num_cached is garbage)
             del s.tokens[history_len:]
             s.num_cached = min(s.num_cached, cached)
             raise
+        finally:
+            self.residency.end_turn(s)
         s.messages.extend(new_msgs)
         if new_msgs:
             s.messages.append({"role": "assistant", "content": result.text})
@@ -192,7 +202,8 @@ class Engine:
         result.cached_tokens = cached
         result.session_id = s.id
         result.timings["queue_ms"] = (started - submitted) * 1e3
-        result.timings.setdefault("restore_ms", 0.0)
+        result.timings["restore_ms"] = memory["restore_ms"]        # waiting for its KV: room + own restore
+        result.timings["make_room_ms"] = memory["make_room_ms"]    # of which: waiting for others' parks
         result.timings["total_ms"] = (time.perf_counter() - submitted) * 1e3
         self.counters["turns"] += 1
         self.counters["tokens_generated"] += len(result.token_ids)
@@ -247,12 +258,15 @@ class Engine:
 
     def _describe(self, s: Session) -> dict:
         rt = self.runtime(s.model)
-        return {"session_id": s.id, "model": s.model, "phase": s.phase.value, "tokens": len(s.tokens),
-                "kv_tokens": s.num_cached, "kv_blocks": len(s.block_table), "kv_location": "device" if s.block_table else "none",
-                "kv_bytes": len(s.block_table) * rt.kv.block_bytes, "turns": s.turns}
+        with self.residency.lock:
+            blocks = max(len(s.block_table), len(s.host_table))
+            return {"session_id": s.id, "model": s.model, "phase": s.phase.value, "tokens": len(s.tokens),
+                    "kv_tokens": s.num_cached, "kv_blocks": blocks, "kv_location": self.residency.location(s),
+                    "kv_bytes": blocks * rt.kv.block_bytes, "turns": s.turns}
 
     def _stats(self) -> dict:
         weights = {n: rt.loaded.weight_bytes() for n, rt in self.runtimes.items()}
+        mem = self.residency.stats() if self.residency is not None else {}
         kv_used = sum(rt.pool.used_bytes for rt in self.runtimes.values())
         kv_total = sum(rt.pool.total_bytes for rt in self.runtimes.values())
         phases: dict[str, int] = {}
@@ -260,9 +274,15 @@ class Engine:
             phases[s.phase.value] = phases.get(s.phase.value, 0) + 1
         return {
             "device": str(next(iter(self.runtimes.values())).device),
+            "policy": mem.get("policy"),
             "memory": {"weights": sum(weights.values()), "weights_by_model": weights, "kv_device": kv_used,
-                       "kv_device_capacity": kv_total, "kv_parked": 0},
+                       "kv_device_capacity": kv_total, "kv_parked": mem.get("kv_parked", 0),
+                       **{k: mem[k] for k in ("kv_moving", "kv_device_high_water", "kv_host_capacity",
+                                              "kv_host_target", "host_arena_ready") if k in mem}},
             "sessions": len(self.sessions), "sessions_by_phase": phases,
+            "sessions_by_kv_location": mem.get("sessions_by_kv_location", {}),
+            "swaps": mem.get("swaps", {}), "bytes_moved": mem.get("bytes_moved", {}),
+            "bandwidth_gbps": mem.get("bandwidth_gbps", {}),
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
             **self.counters,
