@@ -182,6 +182,7 @@ class Residency:
         with self.lock:
             tier = self.tiers.get(s.model)
             s.busy = False
+            s.touch()
             if tier is None or s.id not in tier.sessions:
                 return
             keep = tier.pool.shape.blocks_for(s.num_cached)
