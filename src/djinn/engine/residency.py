@@ -305,6 +305,12 @@ class Residency:
             cands = [self._candidate(x) for x in tier.sessions.values()
                      if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
             plan = self.policy.victims(cands, short, tier.arena.free_count)
+            if plan is None and self.policy.moves_kv:
+                # sessions being restored (prefetched) become evictable when their copy lands
+                restoring = [m for m in self.moves if m.model == model and m.kind == IN and not m.cancelled
+                             and m.session.id not in protect and not m.session.busy]
+                if restoring and sum(c.reclaimable for c in cands) + sum(len(m.device_blocks) for m in restoring) >= short:
+                    return restoring[0].transfer
             if plan is None:
                 raise CapacityError(
                     f"no room for {need} KV blocks on {pool.device}: {pool.free_count} free, "

@@ -5,9 +5,10 @@ head_dim]``), so a block moves between tiers with one contiguous copy, and runs 
 blocks with one copy for the whole run.
 
 The arena is allocated once, in big chunks (``chunk_bytes``, 1 GiB by default), and never
-churned afterwards. Pinning costs about 0.65 s per GiB on CUDA, so with ``background=True`` a
-thread pins the chunks one after another while the server already serves; a chunk's blocks
-become usable when it lands. On CPU nothing is pinned ("host" and "device" are both RAM) and
+churned afterwards. Pinning costs about 0.65 s per GiB on CUDA, so with ``background=True`` the
+first chunk is pinned at once (parking works from the first request) and a thread pins the
+others one after another while the server already serves; a chunk's blocks become usable when
+it lands. On CPU nothing is pinned ("host" and "device" are both RAM) and
 the chunks are plain (lazily committed) allocations.
 
 Invariants:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 
 import torch
 
@@ -68,19 +70,22 @@ class HostArena:
         self.error: str | None = None        # why the arena stopped short of its target, if it did
         self.pin_seconds = 0.0
         background = pin if background is None else background
-        if background and self.target_blocks:
-            self._thread = threading.Thread(target=self._grow, name="djinn-host-arena", daemon=True)
-            self._thread.start()
+        self._thread = None
+        if background and self.target_blocks > self.chunk_blocks:
+            self._grow(max_chunks=1)
+            if self.error is None:
+                self._ready.clear()
+                self._thread = threading.Thread(target=self._grow, name="djinn-host-arena", daemon=True)
+                self._thread.start()
         else:
-            self._thread = None
             self._grow()
 
     # ---- growth -----------------------------------------------------------------------
-    def _grow(self) -> None:
-        import time
-
+    def _grow(self, max_chunks: int | None = None) -> None:
         try:
-            while not self._stop and self._landed < self.target_blocks:
+            while not self._stop and self._landed < self.target_blocks and max_chunks != 0:
+                if max_chunks is not None:
+                    max_chunks -= 1
                 n = min(self.chunk_blocks, self.target_blocks - self._landed)
                 t0 = time.perf_counter()
                 chunk = torch.empty((n, *self.dims), dtype=self.shape.dtype)
