@@ -331,3 +331,21 @@ def test_signals_from_other_threads_while_turns_run():
         r.res.release(s)
     r.res.wait_idle()
     assert r.pool.free_count == free0 and r.arena.used_count == 0
+
+
+def test_a_prefetch_that_needs_room_starts_when_the_room_lands():
+    r = Rig("semantic", device_blocks=8, host_blocks=24)
+    x, a, b = r.open(), r.open(), r.open()
+    r.turn(x, 16)
+    r.res.signal(x, Phase.IO_WAIT)
+    r.res.wait_idle()
+    r.turn(a, 16)
+    r.turn(b, 16)                                   # the device is full of idle sessions
+    gate = hold_copies(r.res, OUT)
+    r.res.signal(x, Phase.ACTIVE)                   # room is being made: a (the LRU) is parking
+    assert x.kv_state is KVState.PARKED and x.prefetch_wanted and a.kv_state is KVState.PARKING
+    gate.event.set()
+    r.res.wait_idle()
+    assert [r.res.location(s) for s in (x, a, b)] == ["device", "host", "device"]
+    assert r.turn(x, 16)["kv_from"] == "device"     # already back, and its bytes are right
+    r.invariants([x, a, b])

@@ -74,6 +74,7 @@ class Residency:
         self.lock = threading.RLock()
         self.tiers: dict[str, _Tier] = {}
         self.moves: list[_Move] = []
+        self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
         self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0}
 
     # ---- set-up -----------------------------------------------------------------------
@@ -267,8 +268,8 @@ class Residency:
         while True:
             with self.lock:
                 self._reap()
-                pending = [m for m in self.moves if s is None or m.session is s]
                 self._start_wanted_prefetches()
+                pending = [m for m in self.moves if s is None or m.session is s]
                 if not pending:
                     return
                 tr = pending[0].transfer
@@ -385,6 +386,7 @@ class Residency:
             self._start_restore(s)
         else:
             s.prefetch_wanted = True
+            self._wanted[s.id] = s
 
     def _drop(self, s: Session) -> None:
         if s.busy:
@@ -453,11 +455,14 @@ class Residency:
         self.moves = still
 
     def _start_wanted_prefetches(self) -> None:
-        for tier in self.tiers.values():
-            for s in tier.sessions.values():
-                if (s.prefetch_wanted and s.kv_state is KVState.PARKED and not s.busy
-                        and tier.pool.free_count >= len(s.host_table)):
-                    self._start_restore(s)
+        for sid, s in list(self._wanted.items()):
+            tier = self.tiers[s.model]
+            if not s.prefetch_wanted or s.kv_state is not KVState.PARKED or sid not in tier.sessions:
+                s.prefetch_wanted = False
+                del self._wanted[sid]
+            elif not s.busy and tier.pool.free_count >= len(s.host_table):
+                del self._wanted[sid]
+                self._start_restore(s)
 
     # ---- accounting -------------------------------------------------------------------
     def stats(self) -> dict:
