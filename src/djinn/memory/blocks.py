@@ -49,7 +49,7 @@ class KVShape:
 
 
 class BlockPool:
-    """Fixed-size pool of KV blocks on one device (or in pinned host memory)."""
+    """Fixed-size pool of KV blocks on one device (parked KV lives in ``memory.host.HostArena``)."""
 
     NULL_BLOCK = 0
 
