@@ -67,6 +67,8 @@ class EngineConfig:
     dtype: str = "auto"                # auto | float32 | float16 | bfloat16
     seed: int = 0                      # seed of random-init presets
     max_sessions: int = 4096
+    max_tensors_per_session: int = 64              # server-side tensors a session holds (engine/tensors.py)
+    max_tensor_bytes_per_session: int = 2 << 30    # ... and their bytes; the oldest are evicted past either
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

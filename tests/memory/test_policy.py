@@ -106,3 +106,11 @@ def test_order_is_deterministic_on_ties():
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(InvalidRequest, match="unknown policy"):
         make_policy("fifo")
+
+
+def test_a_paused_session_is_parked_but_never_dropped():
+    cands = [cand("paused", "PAUSED", blocks=4, idle_since=1), cand("idle", blocks=4, idle_since=2)]
+    assert make_policy("semantic").victims(cands, need=4, host_free=4) == [("paused", Action.PARK)]
+    assert make_policy("semantic").victims(cands, need=4, host_free=0) == [("idle", Action.DROP)]
+    assert make_policy("recompute").victims(cands, need=4, host_free=100) == [("idle", Action.DROP)]
+    assert make_policy("recompute").victims(cands, need=8, host_free=100) is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from djinn.client.handles import Client, Model, Session
+from djinn.client.remote_tensor import RemoteTensor
+from djinn.client.whitebox import Add, ForwardResult, Paused, Scale
 from djinn.config import Config, EngineConfig, MemoryConfig, default_home
 
 
@@ -31,4 +33,4 @@ def connect(address: str | None = None, token: str | None = None, *, models: lis
     return Client(EmbeddedBackend(config))
 
 
-__all__ = ["connect", "Client", "Model", "Session"]
+__all__ = ["connect", "Client", "Model", "Session", "RemoteTensor", "Paused", "ForwardResult", "Scale", "Add"]

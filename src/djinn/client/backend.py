@@ -9,7 +9,9 @@ against both).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from djinn.engine.requests import GenerateRequest, GenerateResult
 
@@ -36,6 +38,29 @@ class Backend(ABC):
 
     @abstractmethod
     def stats(self) -> dict[str, Any]: ...
+
+    # ---- white-box (docs/whitebox.md). Plain data only: ids, tensors, expression trees as
+    # dicts, handles as {"id", "shape", "dtype", "session_id"}; the protocol's forward /
+    # resume / fetch / release messages carry exactly these.
+    @abstractmethod
+    def forward(self, session_id: str, input_ids: list[int], breakpoint: int | None = None,
+                interventions: Sequence[dict] = ()) -> dict[str, Any]:
+        """``{"logits": tensor_ref}`` or, with a breakpoint, ``{"paused": paused_ref}``
+        (``{"paused_id", "layer", "step", "activation": tensor_ref}``)."""
+
+    @abstractmethod
+    def resume(self, paused_id: str, activation: torch.Tensor | dict | None = None,
+               tensors: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+        """Continue a paused forward or generation. ``activation``: None (unchanged), a tensor,
+        or an expression tree whose ``{"tensor": i}`` leaves index ``tensors``. Returns
+        ``{"logits": tensor_ref}`` (a forward) or ``{"generation": GenerateResult}``."""
+
+    @abstractmethod
+    def fetch(self, tensor_id: str, expr: dict | None = None, tensors: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """A server-side tensor, or the value of ``expr`` over tensors of its session, on the CPU."""
+
+    @abstractmethod
+    def release(self, tensor_id: str) -> None: ...
 
     @abstractmethod
     def close(self) -> None: ...

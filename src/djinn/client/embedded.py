@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,6 +39,9 @@ class EmbeddedBackend(Backend):
         self.dtype = resolve_dtype(config.engine.dtype, self.device)
         self.engine = engine or Engine(config=config.engine)
         self._owns_engine = engine is None
+        # tensor bytes that crossed the client boundary (the remote backend counts wire bytes):
+        # "sent" = client tensors given to the engine, "received" = tensors fetched from it
+        self.tensor_bytes = {"sent": 0, "received": 0}
         for name in config.models:
             self._ensure(name)
 
@@ -61,7 +64,30 @@ class EmbeddedBackend(Backend):
         return self.engine.open_session(model)
 
     def generate(self, session_id: str, request: GenerateRequest) -> GenerateResult:
+        self._count("sent", [x["vector"] for x in request.interventions if isinstance(x.get("vector"), torch.Tensor)])
         return self.engine.generate(session_id, request)
+
+    def forward(self, session_id: str, input_ids: list[int], breakpoint: int | None = None,
+                interventions: Sequence[dict] = ()) -> dict[str, Any]:
+        self._count("sent", [x["vector"] for x in interventions if isinstance(x.get("vector"), torch.Tensor)])
+        return self.engine.forward(session_id, input_ids, breakpoint, list(interventions))
+
+    def resume(self, paused_id: str, activation: torch.Tensor | dict | None = None,
+               tensors: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+        self._count("sent", [activation] if isinstance(activation, torch.Tensor) else tensors)
+        return self.engine.resume(paused_id, activation, list(tensors))
+
+    def fetch(self, tensor_id: str, expr: dict | None = None, tensors: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        self._count("sent", tensors)
+        out = self.engine.fetch(tensor_id, expr, list(tensors))
+        self._count("received", [out])
+        return out
+
+    def release(self, tensor_id: str) -> None:
+        self.engine.release(tensor_id)
+
+    def _count(self, direction: str, tensors) -> None:
+        self.tensor_bytes[direction] += sum(t.numel() * t.element_size() for t in tensors)
 
     def signal_phase(self, session_id: str, phase: str) -> None:
         self.engine.signal_phase(session_id, phase)

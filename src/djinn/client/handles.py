@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from djinn.client.backend import Backend
+from djinn.client.whitebox import ForwardResult, Paused, from_reply, intervention_requests, wrap_generation
 from djinn.engine.requests import GenerateRequest, GenerateResult
 from djinn.engine.sampling import SamplingParams
 from djinn.errors import InvalidRequest, SessionClosed
@@ -35,9 +36,16 @@ class Session:
     def generate(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
-                 chat: bool | None = None, ignore_eos: bool = False) -> GenerateResult:
+                 chat: bool | None = None, ignore_eos: bool = False, interventions: list | None = None,
+                 capture: list[int] | None = None, breakpoint: tuple[int, int] | None = None) -> GenerateResult | Paused:
         """Continue the session with ``prompt`` and generate. Text in (chat-templated for chat
-        models unless ``chat=False``) or token ids in; returns text, token ids and timings."""
+        models unless ``chat=False``) or token ids in; returns text, token ids and timings.
+
+        White-box (docs/whitebox.md): ``interventions=[djinn.Scale(...), djinn.Add(...)]`` apply
+        on the server at every step; ``capture=[layers]`` puts those layers' hidden states of
+        every computed token in ``out.captured[layer]`` (RemoteTensors); ``breakpoint=(layer,
+        step)`` returns a ``Paused`` at that layer of that step (0 = the prefill), whose
+        ``resume()`` finishes the generation."""
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
         if isinstance(stop, str):
@@ -46,7 +54,24 @@ class Session:
                                 top_k=top_k, seed=seed, stop=list(stop or []),
                                 stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
         params.validate()
-        return self._backend.generate(self.id, GenerateRequest(prompt=prompt, params=params, chat=chat))
+        request = GenerateRequest(prompt=prompt, params=params, chat=chat,
+                                  interventions=intervention_requests(interventions),
+                                  capture=list(capture or []), breakpoint=breakpoint)
+        return wrap_generation(self, self._backend.generate(self.id, request))
+
+    def forward(self, input_ids: list[int] | torch.Tensor | str, breakpoint: int | None = None, *,
+                interventions: list | None = None) -> ForwardResult | Paused:
+        """One forward over ``input_ids``, appended to the session like any forward.
+
+        Without a breakpoint: a ``ForwardResult`` whose ``logits`` [tokens, vocab] stay on the
+        server. With ``breakpoint=N``: a ``Paused`` after decoder layer N; its ``activation``
+        is a RemoteTensor and ``resume(...)`` finishes the forward."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() > 2 or (input_ids.dim() == 2 and input_ids.shape[0] != 1):
+                raise InvalidRequest(f"input_ids must be shaped [tokens] or [1, tokens], got {list(input_ids.shape)}")
+            input_ids = input_ids.reshape(-1).tolist()
+        return from_reply(self, self._backend.forward(self.id, input_ids, breakpoint,
+                                                      intervention_requests(interventions)))
 
     def signal_phase(self, phase: str) -> None:
         """``IO_WAIT``: the client is busy (a tool call), the KV may leave the GPU now.

@@ -52,16 +52,33 @@ class PagedCache(Cache):
         self.pool = pool
         self.start = start
         self.new = new
-        bs = pool.shape.block_size
-        total = start + new
+        self._table, self._write_blocks, self._write_offsets = self._indices(block_table)
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.shape.num_layers)])
+
+    def _indices(self, block_table: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bs = self.pool.shape.block_size
+        total = self.start + self.new
         if len(block_table) * bs < total:
             raise RuntimeError(f"block table holds {len(block_table) * bs} tokens, forward needs {total}")
-        device = pool.device
-        self._table = torch.tensor(block_table[: -(-total // bs)], dtype=torch.long, device=device)
-        pos = torch.arange(start, total, device=device)
-        self._write_blocks = self._table[pos // bs]
-        self._write_offsets = pos % bs
-        super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.shape.num_layers)])
+        device = self.pool.device
+        self._bound = list(block_table[: -(-total // bs)])
+        table = torch.tensor(self._bound, dtype=torch.long, device=device)
+        pos = torch.arange(self.start, total, device=device)
+        return table, table[pos // bs], pos % bs
+
+    def rebind(self, block_table: list[int]) -> None:
+        """Point this cache at ``block_table`` again, after the session's blocks moved (parked
+        while paused at a breakpoint and restored into other physical blocks).
+
+        The cache object stays the same (a paused forward's captured layer arguments refer to
+        it) and its index tensors are overwritten in place, so anything holding them sees the
+        new blocks. The block contents must already be where the new table says."""
+        if list(block_table[: len(self._bound)]) == self._bound:
+            return   # nothing moved: no copy to the device
+        table, blocks, offsets = self._indices(block_table)
+        self._table.copy_(table)
+        self._write_blocks.copy_(blocks)
+        self._write_offsets.copy_(offsets)
 
     def write_and_gather(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Store the new tokens' K/V of ``layer``; return the context's K/V as [1, H, T, D]."""

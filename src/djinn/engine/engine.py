@@ -9,7 +9,7 @@ device) and wait for it. Methods whose name starts with ``_`` run on the loop. T
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,17 +22,24 @@ from djinn.engine.residency import Residency
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler
 from djinn.engine.session import Phase, Session
+from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
 from djinn.memory.budget import plan, plan_host
 
 
 @dataclass
 class _Turn:
-    """One generate call in progress on the loop."""
+    """One generate call in progress on the loop: what finishing or undoing it needs."""
 
     session: Session
     runtime: ModelRuntime
     new_tokens: list[int]
+    new_msgs: list[dict]
+    cached: int               # the session's num_cached before the turn
+    history_len: int          # len(session.tokens) before the turn
+    started: float            # when its compute started (after the memory it needed was ready)
+    submitted: float
+    memory: dict = field(default_factory=dict)   # queue_ms, restore_ms, make_room_ms (engine.residency)
 
 
 class Engine:
@@ -45,6 +52,7 @@ class Engine:
         self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
         self.loop = EngineLoop()
         self.residency: Residency | None = None       # where each session's KV lives (first model's device)
+        self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
 
@@ -97,6 +105,25 @@ class Engine:
     def stats(self) -> dict:
         return self.loop.call(self._stats)
 
+    # ---- white-box: breakpoints, server-side tensors (engine/whitebox.py) -------------
+    def forward(self, session_id: str, input_ids, breakpoint: int | None = None, interventions=(),
+                owner: str | None = None) -> dict:
+        """Run a forward over ``input_ids``: ``{"logits": tensor_ref}``, or with a breakpoint
+        ``{"paused": paused_ref}`` after that decoder layer."""
+        return self.loop.call(self.whitebox.forward, session_id, input_ids, breakpoint, interventions, owner)
+
+    def resume(self, paused_id: str, activation=None, tensors=(), owner: str | None = None) -> dict:
+        """Continue a paused forward (``{"logits": ...}``) or generation (``{"generation": ...}``),
+        optionally with a replacement activation (a tensor or an expression tree over ``tensors``)."""
+        return self.loop.call(self.whitebox.resume, paused_id, activation, tensors, owner)
+
+    def fetch(self, tensor_id: str, expr: dict | None = None, tensors=(), owner: str | None = None) -> torch.Tensor:
+        """A server-side tensor (or an expression over that session's tensors) as a CPU tensor."""
+        return self.loop.call(self.whitebox.fetch, tensor_id, expr, tensors, owner)
+
+    def release(self, tensor_id: str, owner: str | None = None) -> None:
+        self.loop.call(self.whitebox.release, tensor_id, owner)
+
     def shutdown(self) -> None:
         try:
             self.loop.call(self._close_all)
@@ -131,6 +158,7 @@ class Engine:
 
     def _close_session(self, session_id: str, owner: str | None) -> None:
         s = self._session(session_id, owner)
+        self.whitebox.on_close(s)
         self._free_kv(s)
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
@@ -172,6 +200,7 @@ class Engine:
         rt = self.runtime(s.model)
         params = req.params
         params.validate()
+        wb_plan = self.whitebox.plan(rt, req) if req.whitebox else None
         new, new_msgs = self._prompt_tokens(s, rt, req)
         total_prompt = len(s.tokens) + len(new)
         if total_prompt >= rt.max_context:
@@ -181,33 +210,75 @@ class Engine:
             )
         # bring the KV back (restore or recompute) and reserve the whole turn's blocks up front
         memory = self.residency.begin_turn(s, min(total_prompt + params.max_new_tokens, rt.max_context))
-        cached = s.num_cached
-        history_len = len(s.tokens)
+        memory["queue_ms"] = (started - submitted) * 1e3
+        self._rebuild(s, rt, memory)
+        turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), time.perf_counter(), submitted, memory)
         s.tokens.extend(new)
         try:
-            result = self._run_turn(s, rt, params, time.perf_counter())
+            if wb_plan is None:
+                result = self._run_turn(s, rt, params, turn.started)
+            else:
+                result = self.whitebox.run_turn(turn, params, wb_plan)
+                if result.paused is not None:  # stopped at a breakpoint: resume() finishes the turn
+                    self.residency.pause_turn(s)   # idle while paused: its KV may be parked
+                    return result
         except BaseException:
-            # leave the session exactly as before the turn (its KV past num_cached is garbage)
-            del s.tokens[history_len:]
-            s.num_cached = min(s.num_cached, cached)
+            self._rollback_turn(turn)
             raise
-        finally:
-            self.residency.end_turn(s)
-        s.messages.extend(new_msgs)
-        if new_msgs:
+        return self._complete_turn(turn, result)
+
+    def _rollback_turn(self, turn: _Turn) -> None:
+        """Leave the session exactly as before the turn (its KV past num_cached is garbage)."""
+        s = turn.session
+        del s.tokens[turn.history_len:]
+        s.num_cached = min(s.num_cached, turn.cached)
+        self.residency.end_turn(s)
+
+    def _complete_turn(self, turn: _Turn, result: GenerateResult) -> GenerateResult:
+        s = turn.session
+        self.residency.end_turn(s)
+        s.messages.extend(turn.new_msgs)
+        if turn.new_msgs:
             s.messages.append({"role": "assistant", "content": result.text})
         s.turns += 1
         s.touch()
-        result.prompt_tokens = len(new)
-        result.cached_tokens = cached
+        result.prompt_tokens = len(turn.new_tokens)
+        rebuilt = int(turn.memory.get("recomputed_tokens", 0))
+        result.cached_tokens = turn.cached - rebuilt        # a rebuilt prefix was computed, not reused
+        result.computed_tokens += rebuilt
+        if rebuilt:
+            result.timings["recompute_ms"] = turn.memory["recompute_ms"]
         result.session_id = s.id
-        result.timings["queue_ms"] = (started - submitted) * 1e3
-        result.timings["restore_ms"] = memory["restore_ms"]        # waiting for its KV: room + own restore
-        result.timings["make_room_ms"] = memory["make_room_ms"]    # of which: waiting for others' parks
-        result.timings["total_ms"] = (time.perf_counter() - submitted) * 1e3
+        result.timings["queue_ms"] = turn.memory.get("queue_ms", 0.0)
+        result.timings["restore_ms"] = turn.memory.get("restore_ms", 0.0)      # waiting for its KV: room + restore
+        result.timings["make_room_ms"] = turn.memory.get("make_room_ms", 0.0)  # of which: waiting for others' parks
+        result.timings["total_ms"] = (time.perf_counter() - turn.submitted) * 1e3
         self.counters["turns"] += 1
         self.counters["tokens_generated"] += len(result.token_ids)
         return result
+
+    @torch.inference_mode()
+    def _rebuild(self, s: Session, rt: ModelRuntime, memory: dict | None = None) -> None:
+        """Recompute the KV of a dropped session's prefix (``tokens[:rebuild_to]``) with a plain
+        forward (no hooks), so the turn that follows sees exactly the state it had before the
+        drop. Called after ``begin_turn`` reserved the blocks; on failure the session stays
+        dropped and its turn is ended."""
+        n = s.rebuild_to
+        if n == 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            cache = PagedCache(rt.pool, s.block_table, 0, n)
+            rt.executor.forward(cache, torch.tensor([s.tokens[:n]], dtype=torch.long, device=rt.device))
+        except BaseException:
+            self.residency.end_turn(s)
+            raise
+        s.num_cached, s.rebuild_to = n, 0
+        s.tokens_computed += n
+        self.counters["tokens_computed"] += n
+        if memory is not None:
+            memory["recomputed_tokens"] = n
+            memory["recompute_ms"] = (time.perf_counter() - t0) * 1e3
 
     @torch.inference_mode()
     def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float) -> GenerateResult:
@@ -278,7 +349,8 @@ class Engine:
             "memory": {"weights": sum(weights.values()), "weights_by_model": weights, "kv_device": kv_used,
                        "kv_device_capacity": kv_total, "kv_parked": mem.get("kv_parked", 0),
                        **{k: mem[k] for k in ("kv_moving", "kv_device_high_water", "kv_host_capacity",
-                                              "kv_host_target", "host_arena_ready") if k in mem}},
+                                              "kv_host_target", "host_arena_ready") if k in mem},
+                       "tensors": self.whitebox.store.total_bytes},
             "sessions": len(self.sessions), "sessions_by_phase": phases,
             "sessions_by_kv_location": mem.get("sessions_by_kv_location", {}),
             "swaps": mem.get("swaps", {}), "bytes_moved": mem.get("bytes_moved", {}),

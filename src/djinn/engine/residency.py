@@ -102,6 +102,7 @@ class Residency:
             s.block_table.clear()
             s.host_table.clear()
             s.num_cached = 0
+            s.rebuild_to = 0
             s.kv_state = KVState.DEVICE
             tier.sessions.pop(s.id, None)
 
@@ -155,8 +156,10 @@ class Residency:
             self._prefetch(s)
 
     # ---- turns (engine loop) ----------------------------------------------------------
-    def begin_turn(self, s: Session, tokens: int) -> dict:
+    def begin_turn(self, s: Session, tokens: int, activate: bool = True) -> dict:
         """Mark ``s`` busy, bring its KV to the device and reserve blocks for ``tokens`` tokens.
+        ``activate``: a generate request means the client is back, so an ``IO_WAIT`` session
+        becomes ``ACTIVE``; a white-box forward leaves the phase as it was.
 
         Returns the memory timings of the turn. On error the session is left as it was (not
         busy; its KV wherever it was) and the error is a ``CapacityError``.
@@ -165,8 +168,8 @@ class Residency:
             if s.busy:
                 raise InvalidRequest("a turn is already running on this session")
             s.busy = True
-            if s.phase is not Phase.ACTIVE and s.phase is not Phase.PAUSED:
-                self._set_phase(s, Phase.ACTIVE)   # a request means the client is back
+            if activate and s.phase is Phase.IO_WAIT:
+                self._set_phase(s, Phase.ACTIVE)
         t0 = time.perf_counter()
         try:
             source, room_s = self.ensure_resident(s)
@@ -197,6 +200,32 @@ class Residency:
             if s.phase is not Phase.ACTIVE:
                 self._apply_signal(s)
             self._start_wanted_prefetches()
+
+    def pause_turn(self, s: Session) -> None:
+        """The turn stopped at a breakpoint (white-box): the session is idle until resumed, so
+        its KV may be parked meanwhile; it keeps every block its in-flight forward uses (they
+        move with it). ``resume_turn`` brings them back before the forward continues."""
+        with self.lock:
+            s.busy = False
+            s.touch()
+            if self.pager.cuda:
+                s.kv_ready = torch.cuda.current_stream(self.device).record_event()
+
+    def resume_turn(self, s: Session) -> float:
+        """Mark a paused session busy again and bring its KV back (in place: a paused forward's
+        ``PagedCache`` must then ``rebind`` to ``s.block_table``). Returns the seconds waited."""
+        with self.lock:
+            if s.busy:
+                raise InvalidRequest("a turn is already running on this session")
+            s.busy = True
+        t0 = time.perf_counter()
+        try:
+            self.ensure_resident(s)
+        except BaseException:
+            with self.lock:
+                s.busy = False
+            raise
+        return time.perf_counter() - t0
 
     # ---- the step-scheduler API -------------------------------------------------------
     def ensure_resident(self, s: Session) -> tuple[str, float]:
@@ -389,7 +418,7 @@ class Residency:
             self._wanted[s.id] = s
 
     def _drop(self, s: Session) -> None:
-        if s.busy:
+        if s.busy or s.phase is Phase.PAUSED:   # a paused forward's KV cannot be recomputed
             return
         self._cancel(s)
         tier = self.tiers[s.model]
@@ -401,6 +430,8 @@ class Residency:
             tier.arena.release(s.host_table)
         s.block_table.clear()
         s.host_table.clear()
+        if s.num_cached:
+            s.rebuild_to = s.num_cached       # the engine recomputes this prefix before the next forward
         s.num_cached = 0
         s.kv_epoch += 1
         s.kv_state = KVState.DROPPED

@@ -6,7 +6,8 @@ between turns) have not been through the model yet.
 
 Where that KV is (``kv_state``) is managed by ``engine.residency``: on the device in
 ``block_table``; parked in host blocks ``host_table``; moving; or dropped (``num_cached == 0``,
-``block_table`` empty: the next turn recomputes it from ``tokens``, which are always kept).
+``block_table`` empty, ``rebuild_to`` = the old ``num_cached``: before its next forward the
+engine recomputes that prefix from ``tokens``, which are always kept, with no hooks).
 A restore puts the KV back into ``block_table`` *in place* (the same list object, possibly other
 physical blocks) and increments ``kv_epoch``: anything that captured block ids (a paused
 forward's ``PagedCache``) must rebuild itself when ``kv_epoch`` changed.
@@ -53,6 +54,7 @@ class Session:
     wait_ema: float | None = None                         # typical IO_WAIT duration of this session (s)
     move: object = field(default=None, repr=False)        # the copy in flight, if any
     prefetch_wanted: bool = False                         # ACTIVE came while the device had no room yet
+    rebuild_to: int = 0                                   # dropped: tokens[:rebuild_to] had KV; recompute them first
     kv_ready: object = field(default=None, repr=False)    # CUDA event: the last compute that wrote its KV
 
     @property

@@ -21,7 +21,9 @@ Policies (``--policy``):
 - ``resident``: never moves KV; a request that does not fit fails with ``CapacityError``.
 
 Parking needs room in the host arena; a victim that does not fit there is dropped instead
-(recomputed later), so a decision never fails for lack of host memory.
+(recomputed later), so a decision never fails for lack of host memory. A ``PAUSED`` session (a
+forward stopped at a breakpoint) may be parked but never dropped: the KV its in-flight forward
+already wrote is not in the token history, so it could not be recomputed.
 """
 
 from __future__ import annotations
@@ -93,13 +95,15 @@ class Policy:
         freed = 0
         for c in self.order([c for c in candidates if c.reclaimable > 0]):
             action = self.victim_action(c, host_free)
+            if action is Action.DROP and c.phase == "PAUSED":
+                continue   # a paused forward's KV is not in the token history: it can be parked, never dropped
             if action is Action.PARK:
                 host_free -= c.blocks
             plan.append((c.id, action))
             freed += c.reclaimable
             if freed >= need:
                 return plan
-        return None  # pragma: no cover - excluded by the sum check above
+        return None   # (only when paused sessions could not be parked)
 
 
 class Resident(Policy):

@@ -181,7 +181,10 @@ def evaluate_expr(tree: Any, resolve_ref: Callable[[str], torch.Tensor], payload
             return node["scalar"]
         op, args = node["op"], [ev(a) for a in node["args"]]
         if op == "neg":
-            return torch.neg(args[0])
+            try:
+                return torch.neg(args[0])
+            except RuntimeError as exc:  # e.g. a bool tensor
+                raise InvalidRequest(f"cannot negate a {args[0].dtype} tensor: {exc}") from None
         if op == "getitem":
             try:
                 return args[0][_index(node["index"])]
@@ -255,12 +258,19 @@ class Expr:
             raise InvalidRequest(f"Expr.tensor needs a torch.Tensor, got {type(tensor).__name__}")
         return cls({"tensor": tensor})
 
-    def encode(self, tensors: list[torch.Tensor]) -> dict:
+    def encode(self, tensors: list[torch.Tensor], max_nodes: int = 256) -> dict:
         """The wire tree; client tensors are appended to ``tensors`` (once each) and
-        replaced by their payload index."""
+        replaced by their payload index. ``x = x + x`` shares nodes in memory but doubles
+        the tree, so encoding stops with InvalidRequest past ``max_nodes``."""
         seen = {id(t): i for i, t in enumerate(tensors)}
+        count = 0
 
         def enc(node: dict) -> dict:
+            nonlocal count
+            count += 1
+            if count > max_nodes:
+                raise InvalidRequest(f"expression has more than {max_nodes} nodes; fetch() and "
+                                     f"compute on the client, or build a smaller expression")
             if "tensor" in node:
                 t = node["tensor"]
                 if id(t) not in seen:
@@ -276,20 +286,21 @@ class Expr:
     def ref_ids(self) -> list[str]:
         """The ids of the remote tensors the expression reads, in first-use order."""
         out: list[str] = []
-
-        def walk(node: dict) -> None:
+        stack, seen = [self._node], set()
+        while stack:  # iterative, and each shared node once: x = x + x builds a DAG
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             if "ref" in node and node["ref"] not in out:
                 out.append(node["ref"])
-            for a in node.get("args", ()):
-                walk(a)
-
-        walk(self._node)
+            stack.extend(reversed(node.get("args", ())))
         return out
 
     def _binary(self, op: str, other: Any, reverse: bool = False) -> "Expr":
         node = _lift(other)
-        if node is None:
-            return NotImplemented
+        if node is None:  # raised rather than NotImplemented: list * Expr would call __index__
+            raise UnsupportedOperation(f"{_SYMBOL[op]} with a {type(other).__name__} operand")
         return Expr({"op": op, "args": [node, self._node] if reverse else [self._node, node]})
 
     def __add__(self, o): return self._binary("add", o)
@@ -358,7 +369,7 @@ class Expr:
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        return f"Expr({_fmt(self._node)})"
+        return f"Expr({_fmt(self._node, [64])})"
 
 
 _TORCH_OPS = {
@@ -375,7 +386,10 @@ def _as_int(p: Any) -> int:
     raise UnsupportedOperation(f"a slice bound of type {type(p).__name__}")
 
 
-def _fmt(node: dict) -> str:
+def _fmt(node: dict, budget: list[int]) -> str:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return "..."
     if "ref" in node:
         return f"ref({node['ref']!r})"
     if "tensor" in node:
@@ -383,7 +397,7 @@ def _fmt(node: dict) -> str:
         return f"tensor({list(t.shape) if isinstance(t, torch.Tensor) else t})"
     if "scalar" in node:
         return repr(node["scalar"])
-    args = [_fmt(a) for a in node["args"]]
+    args = [_fmt(a, budget) for a in node["args"]]
     if node["op"] == "neg":
         return f"-{args[0]}"
     if node["op"] == "getitem":

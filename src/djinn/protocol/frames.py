@@ -17,8 +17,11 @@ Reading checks, in this order, before allocating or reading anything it does not
 magic, version, flags, then ``header_len <= max_header_bytes`` and
 ``header_len + payload_len <= max_bytes`` (from the prefix alone, so an oversized frame
 costs 16 bytes of reading), then the header (msgpack with every size limit set, strings
-as UTF-8, str map keys only, no ext types at all, so it decodes to plain data only), then the descriptors, whose padded sizes must add up to
-``payload_len`` exactly; only then is the payload buffer allocated and read.
+as UTF-8, str map keys only, no ext types at all: it decodes to plain data only), then the
+descriptors, whose padded sizes must add up to ``payload_len`` exactly; only then is the
+payload buffer allocated and read. A server should read a connection's first frame (the
+``hello`` that carries the token) with a small ``max_bytes``, so an unauthenticated peer
+cannot make it allocate a full-size payload.
 
 Every malformed input raises :class:`~djinn.errors.ProtocolError`; end of stream raises
 :class:`ConnectionClosed` (a ProtocolError), ``clean`` when it fell between frames. A
@@ -50,6 +53,8 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 2**20  # a large tokenizer.json travels in model
 TENSORS_KEY = "tensors"
 _IOV_BATCH = 512  # below IOV_MAX (1024 on Linux)
 _WRITE_CHUNK = 1 << 20
+# 3.12 made writelines gather memoryviews into sendmsg; 3.11's joins them into one bytes first
+_WRITELINES_GATHERS = sys.version_info >= (3, 12)
 
 
 @dataclass
@@ -155,6 +160,9 @@ def decode_header(data: bytes, payload_len: int, max_bytes: int) -> tuple[dict[s
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises ValueError, UnicodeDecodeError, StackError...
+        if "max_ext_len" in str(exc):
+            raise ProtocolError("msgpack extension types (timestamps included) are not allowed "
+                                "in a header") from None
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
@@ -189,7 +197,7 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
     if len(data) != PREFIX_SIZE + hlen + plen:
         raise ProtocolError(f"frame is {len(data)} bytes but its prefix says {PREFIX_SIZE + hlen + plen}")
     header, specs = decode_header(data[PREFIX_SIZE:PREFIX_SIZE + hlen], plen, max_bytes)
-    return Message(header, build_tensors(bytearray(data[PREFIX_SIZE + hlen:]), specs))
+    return Message(header, build_tensors(bytearray(memoryview(data)[PREFIX_SIZE + hlen:]), specs))
 
 
 # ---------------------------------------------------------------- asyncio streams
@@ -233,11 +241,11 @@ async def write_message(writer: asyncio.StreamWriter, header: dict[str, Any],
     Python >= 3.12 the transport may still hold zero-copy views of their tails."""
     pieces = encode_message(header, tensors)
     try:
-        if sys.version_info >= (3, 12):
+        if _WRITELINES_GATHERS:
             writer.writelines(pieces)  # sendmsg of memoryviews, no concatenation
         else:
-            # 3.11's writelines joins everything (a full copy): write chunk by chunk; the
-            # transport copies only what the kernel did not take at once (one copy at most)
+            # write chunk by chunk instead: the transport copies only what the kernel did
+            # not take at once (one copy at most), and its buffer stays ~1 MiB
             for piece in pieces:
                 view = memoryview(piece).cast("B")
                 for start in range(0, len(view), _WRITE_CHUNK):

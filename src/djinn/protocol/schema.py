@@ -174,6 +174,10 @@ class ListOf(Spec):
         self._type(value, path, ctx)
         if not self.min_len <= len(value) <= self.max_len:
             raise ctx.fail(path, f"list of {len(value)} items; expected {self.min_len} to {self.max_len}")
+        item = self.item
+        if type(item) is Int and not self.unique and value and all(type(v) is int for v in value) \
+                and item.lo <= min(value) and max(value) <= item.hi:
+            return list(value)  # fast path for token lists (100k+ items); else find the bad one below
         out = [self.item.check(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
         if self.unique and len(set(out)) != len(out):
             raise ctx.fail(path, "items must be distinct")

@@ -22,7 +22,7 @@ bfloat16 travels as its raw 2-byte bits; bool as one byte that must be 0 or 1.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -60,15 +60,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def padded(nbytes: int) -> int:
     """``nbytes`` rounded up to the payload alignment."""
     return -(-nbytes // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
-
-
-def payload_offsets(descriptors: Sequence[dict[str, Any]]) -> tuple[list[int], int]:
-    """Byte offset of each tensor in the payload, and the payload's total length."""
-    offsets, pos = [], 0
-    for desc in descriptors:
-        offsets.append(pos)
-        pos += padded(desc["nbytes"])
-    return offsets, pos
 
 
 def prepare_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""Named settings of ``djinn bench agents``: ``seeds``, ``tools`` and the ``--quick`` smoke runs.
+
+Every field can be overridden on the command line; the resolved values go into the JSON.
+
+- ``seeds``: the seed documents' density experiment, measured properly: a Llama-2-7B shape,
+  1,024-token context prompts, Poisson arrivals at 0.2/s, tools uniform 10-20 s; N sweeps
+  8..80 and keeps growing (x1.25) until the policy fails or ``max_n``. The default device
+  budget (20 GiB: 12.6 GiB of weights, ~5.8 GiB of KV, ~9 agents at full length) is chosen so
+  that keeping every agent resident runs out; host memory is generous. ``time_scale`` 0.25
+  compresses arrival gaps and tool times by 4 (stated in the JSON with the resulting ratio of
+  tool time to compute time) so a policy's sweep fits in one 10-minute command.
+- ``tools``: tool times 0.1, 1, 10 and 30 s (one sub-sweep each) with contexts growing over 8
+  turns, so keeping (short tools), parking (long tools, host room) and dropping each have a
+  regime where they win; N in {4, 8} at a budget where 4 agents fit and 8 do not.
+- ``quick``: tiny-llama on the CPU with a 20-block device KV pool (2-3 agents' worth) that
+  forces parking at N=8, N in {2, 4, 8}: the CI smoke run (well under 3 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class AgentsPreset:
+    name: str
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt_tokens: int = 1024
+    context_tokens: int = 64
+    new_tokens: int = 16
+    turns: int = 4
+    rate: float = 0.2
+    tools: tuple[str, ...] = ("uniform:10,20",)
+    n: tuple[int, ...] = (8, 16, 32, 48, 64, 80)
+    until_fail: bool = True
+    max_n: int = 160
+    time_scale: float = 1.0
+    gpu_memory: str | None = None
+    host_memory: str | None = None
+    kv_blocks: int | None = None
+    block_size: int = 16
+    policies: tuple[str, ...] = ("semantic", "lru", "recompute", "resident")
+    # wall-clock bound of one policy's sweep (model load included): one policy per 10-minute command,
+    # with room for the grace given to turns in flight when the bound hits
+    policy_budget_s: float = 420.0
+    slo_ms: float = 2000.0               # p99 turn latency a "sustained" run stays under
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+PRESETS: dict[str, AgentsPreset] = {
+    "seeds": AgentsPreset(
+        name="seeds", model="llama2-7b", prompt_tokens=1024, context_tokens=64, new_tokens=16, turns=4, rate=0.2,
+        tools=("uniform:10,20",), n=(8, 16, 32, 48, 64, 80), until_fail=True, max_n=160, time_scale=0.25,
+        gpu_memory="20GiB", host_memory="48GiB",
+        notes=("arrival gaps and tool times x time_scale; compute is not scaled",)),
+    "tools": AgentsPreset(
+        name="tools", model="llama2-7b", prompt_tokens=256, context_tokens=384, new_tokens=16, turns=8, rate=1.0,
+        tools=("fixed:0.1", "fixed:1", "fixed:10", "fixed:30"), n=(4, 8), until_fail=False, time_scale=0.25,
+        gpu_memory="24GiB", host_memory="48GiB",
+        notes=("one sub-sweep per tool time; arrival gaps and tool times x time_scale",)),
+    "quick": AgentsPreset(
+        name="quick", model="tiny-llama", device="cpu", prompt_tokens=48, context_tokens=16, new_tokens=6, turns=3,
+        rate=20.0, tools=("uniform:0.05,0.15",), n=(2, 4, 8), until_fail=False, kv_blocks=20, host_memory="8MiB",
+        policy_budget_s=40.0, notes=("CPU smoke run: tiny model, tiny device KV pool",)),
+    "tools-quick": AgentsPreset(
+        name="tools-quick", model="tiny-llama", device="cpu", prompt_tokens=32, context_tokens=16, new_tokens=4,
+        turns=3, rate=20.0, tools=("fixed:0.01", "fixed:0.2"), n=(4,), until_fail=False, kv_blocks=20,
+        host_memory="8MiB", policy_budget_s=20.0, notes=("CPU smoke run of the tools preset",)),
+}
+
+
+def resolve(name: str, quick: bool, overrides: dict) -> AgentsPreset:
+    """The preset ``name`` (its quick variant with ``quick``), with non-None overrides applied."""
+    if quick:
+        name = "tools-quick" if name == "tools" else "quick"
+    preset = PRESETS[name]
+    fields = {k: v for k, v in overrides.items() if v is not None and hasattr(preset, k)}
+    for k in ("tools", "n", "policies"):
+        if k in fields:
+            fields[k] = tuple(fields[k])
+    return replace(preset, **fields)

@@ -1,0 +1,268 @@
+"""``djinn bench plot``: figures (PNG and PDF) from the JSON that ``bench agents`` and ``bench
+resume`` wrote into a directory.
+
+Agents files of one preset are merged (several runs, e.g. one per policy, make one figure; for
+the same policy, tool time and N the newest file wins). Per preset:
+- ``agents-PRESET-density``: success rate and p99 turn latency versus N, one line per policy
+  (the cliff), the SLO dashed;
+- ``agents-PRESET-cdf``: turn-latency CDFs per policy at the largest N every policy ran;
+- ``agents-PRESET-memory``: device KV, host KV and their budgets over time for one run;
+- ``agents-PRESET-choice`` (presets with several tool times): the policy's keep/park/drop
+  decisions versus tool time when the server reports them, else bytes moved per turn, and p99
+  turn latency versus tool time.
+From the newest resume file: ``resume-crossover``: time to resume versus context and versus
+pause depth, one line per method, crossings marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+POLICY_ORDER = ("semantic", "lru", "recompute", "resident")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="djinn bench plot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", default="benchmarks/results", help="directory with the JSON files")
+    p.add_argument("--out", default=None, help="where figures go (default: DIR/figures)")
+    p.add_argument("--timeline-policy", default="semantic", help="policy whose memory timeline is drawn")
+    p.add_argument("--timeline-n", type=int, default=None, help="N of that run (default: the largest)")
+    return p
+
+
+def load(directory: Path) -> tuple[dict[str, dict], dict | None]:
+    """(agents runs merged by preset, the newest resume record)."""
+    agents: dict[str, dict] = {}
+    resume = None
+    for path in sorted(directory.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("bench") == "agents":
+            preset = rec["params"].get("preset", "agents")
+            slot = agents.setdefault(preset, {"params": rec["params"], "runs": {}, "date": ""})
+            for run in rec["results"].get("runs", []):
+                if "success_rate" not in run:
+                    continue
+                key = (run["policy"], run["tool"], run["n"])
+                if key not in slot["runs"] or rec["date"] >= slot["runs"][key][0]:
+                    slot["runs"][key] = (rec["date"], run)
+            if rec["date"] >= slot["date"]:
+                slot["params"], slot["date"] = rec["params"], rec["date"]
+        elif rec.get("bench") == "resume" and (resume is None or rec["date"] >= resume["date"]):
+            resume = rec
+    for slot in agents.values():
+        slot["runs"] = [r for _, r in slot["runs"].values()]
+    return agents, resume
+
+
+def _policies(runs: list[dict]) -> list[str]:
+    seen = {r["policy"] for r in runs}
+    return [p for p in POLICY_ORDER if p in seen] + sorted(seen - set(POLICY_ORDER))
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    _plt().close(fig)
+    return paths
+
+
+def density(preset: str, slot: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    runs = slot["runs"]
+    tools = sorted({r["tool"] for r in runs})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for policy in _policies(runs):
+        for tool in tools:
+            pts = sorted((r["n"], r["success_rate"], r["turn_ms"]["p99"]) for r in runs
+                         if r["policy"] == policy and r["tool"] == tool)
+            if not pts:
+                continue
+            label = policy if len(tools) == 1 else f"{policy}, {tool}"
+            ax1.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=label)
+            ax2.plot([p[0] for p in pts], [p[2] if p[2] is not None else float("nan") for p in pts], marker="o",
+                     label=label)
+    slo = slot["params"].get("slo_ms")
+    if slo:
+        ax2.axhline(slo, ls="--", color="gray", lw=1, label=f"SLO {slo:.0f} ms")
+    ax1.set(xlabel="agents (N)", ylabel="turns completed (%)", title=f"{preset}: success rate", ylim=(-5, 105))
+    ax2.set(xlabel="agents (N)", ylabel="p99 turn latency (ms)", title=f"{preset}: p99 turn latency", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, f"agents-{preset}-density")
+
+
+def cdf(preset: str, slot: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    runs = slot["runs"]
+    tools = sorted({r["tool"] for r in runs})
+    fig, axes = plt.subplots(1, len(tools), figsize=(5.5 * len(tools), 4), squeeze=False)
+    for ax, tool in zip(axes[0], tools):
+        mine = [r for r in runs if r["tool"] == tool]
+        per_policy = {p: {r["n"] for r in mine if r["policy"] == p} for p in _policies(mine)}
+        common = set.intersection(*per_policy.values()) if per_policy else set()
+        n = max(common) if common else max(r["n"] for r in mine)
+        for policy in per_policy:
+            run = next((r for r in mine if r["policy"] == policy and r["n"] == n), None)
+            if run is None:
+                continue
+            lat = sorted(t["latency_ms"] for t in run["turns"] if t["ok"] and t["latency_ms"] is not None)
+            if lat:
+                ys = [(i + 1) / run["planned_turns"] for i in range(len(lat))]
+                ax.step(lat, ys, where="post", label=f"{policy} ({run['success_rate']:.0%} ok)")
+        ax.set(xlabel="turn latency (ms)", ylabel="share of planned turns", xscale="log", ylim=(0, 1.02),
+               title=f"{preset}: N={n}, tool {tool}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, f"agents-{preset}-cdf")
+
+
+def pick_timeline(runs: list[dict], policy: str, n: int | None) -> dict | None:
+    mine = [r for r in runs if r.get("timeline")]
+    pref = [r for r in mine if r["policy"] == policy] or mine
+    if n is not None:
+        pref = [r for r in pref if r["n"] == n] or pref
+    return max(pref, key=lambda r: (r["n"], r.get("tool_mean_s") or 0)) if pref else None
+
+
+def memory(preset: str, slot: dict, out: Path, policy: str, n: int | None) -> list[Path]:
+    run = pick_timeline(slot["runs"], policy, n)
+    if run is None:
+        return []
+    plt = _plt()
+    # device and host on their own axes: a host budget 100x the device's would flatten the device lines
+    fig, (dev, host) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    tl = run["timeline"]
+    t = [s["t"] for s in tl]
+    mib = 2 ** 20
+    for ax, lines in ((dev, (("kv_device", "KV on device", "-"), ("kv_moving", "KV being copied", ":"),
+                             ("kv_device_capacity", "device KV budget", "--"))),
+                      (host, (("kv_host", "KV parked in host memory", "-"), ("kv_host_capacity", "host KV budget", "--")))):
+        for key, label, style in lines:
+            ys = [s.get(key) for s in tl]
+            if any(y is not None for y in ys):
+                ax.plot(t, [y / mib if y is not None else float("nan") for y in ys], ls=style, label=label)
+        ax.set(ylabel="MiB")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    dev.set_title(f"{preset}: memory, policy {run['policy']}, N={run['n']}, tool {run['tool']}")
+    host.set_xlabel("seconds into the run")
+    return _save(fig, out, f"agents-{preset}-memory")
+
+
+def choice(preset: str, slot: dict, out: Path) -> list[Path]:
+    runs = slot["runs"]
+    if len({r["tool"] for r in runs}) < 2:
+        return []
+    plt = _plt()
+    n = max(r["n"] for r in runs)
+    runs = [r for r in runs if r["n"] == n]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    with_decisions = [r for r in runs if isinstance(r.get("decisions"), dict) and r["decisions"]]
+    for policy in _policies(runs):
+        pts = sorted((r["tool_mean_s"], r) for r in runs if r["policy"] == policy)
+        xs = [x for x, _ in pts]
+        if with_decisions:
+            kinds = sorted({k for r in with_decisions for k, v in r["decisions"].items() if isinstance(v, (int, float))})
+            for kind in kinds:
+                ys = [(r.get("decisions") or {}).get(kind) for _, r in pts]
+                if any(y for y in ys):
+                    ax1.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o",
+                             label=f"{policy}: {kind}")
+        else:
+            ax1.plot(xs, [(r["bytes_moved_per_turn"] or 0) / 2 ** 20 if r["bytes_moved_per_turn"] is not None
+                          else float("nan") for _, r in pts], marker="o", label=policy)
+        ax2.plot(xs, [r["turn_ms"]["p99"] if r["turn_ms"]["p99"] is not None else float("nan") for _, r in pts],
+                 marker="o", label=policy)
+    if not with_decisions and all(r["bytes_moved_per_turn"] is None for r in runs):
+        ax1.text(0.5, 0.5, "this server reports neither decisions\nnor bytes moved in its stats", ha="center",
+                 va="center", fontsize=8, transform=ax1.transAxes)
+    ax1.set(xlabel="tool time (s, as run)", xscale="log",
+            ylabel="decisions in the run" if with_decisions else "MiB moved per completed turn",
+            title=f"{preset}: the policy's choice, N={n}" if with_decisions else
+            f"{preset}: bytes moved per turn (no decision counts in stats), N={n}")
+    ax2.set(xlabel="tool time (s, as run)", xscale="log", ylabel="p99 turn latency (ms)", yscale="log",
+            title=f"{preset}: p99 turn latency vs tool time")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, f"agents-{preset}-choice")
+
+
+def _curves(ax, part: dict[str, Any], title: str) -> None:
+    xs = part["x"]
+    for name, ys in part["curves"].items():
+        ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=name)
+    for label, points in part.get("crossings", {}).items():
+        for x in points:
+            ax.axvline(x, color="gray", ls=":", lw=1)
+            ax.annotate(f"{x:.0f}", (x, ax.get_ylim()[1]), fontsize=6, rotation=90, va="top")
+    ax.set(xlabel=part["x_label"], ylabel="time to resume (ms)", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def crossover(rec: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    res = rec["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ctx = res.get("context")
+    if ctx:
+        _curves(ax1, ctx, f"resume vs context ({ctx['model']})")
+        ax1.set_xscale("log", base=2)
+    else:
+        ax1.text(0.5, 0.5, "context part not run", ha="center", va="center", transform=ax1.transAxes)
+    depth = res.get("depth")
+    if depth and depth.get("status") == "ok":
+        _curves(ax2, depth, f"resume vs pause depth ({depth['model']}, {depth['tokens']} tokens)")
+    else:
+        reason = (depth or {}).get("reason", "depth part not run")
+        ax2.text(0.5, 0.5, f"pause depth: unavailable\n({reason})", ha="center", va="center", fontsize=8,
+                 transform=ax2.transAxes, wrap=True)
+        ax2.set_axis_off()
+    fig.suptitle(f"{rec['device']}", fontsize=9)
+    return _save(fig, out, "resume-crossover")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    directory = Path(args.dir)
+    out = Path(args.out) if args.out else directory / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    agents, resume = load(directory)
+    made: list[Path] = []
+    for preset, slot in sorted(agents.items()):
+        if not slot["runs"]:
+            continue
+        made += density(preset, slot, out)
+        made += cdf(preset, slot, out)
+        made += memory(preset, slot, out, args.timeline_policy, args.timeline_n)
+        made += choice(preset, slot, out)
+    if resume is not None:
+        made += crossover(resume, out)
+    if not made:
+        print(f"no agents or resume JSON in {directory}: nothing to plot")
+        return 1
+    for p in made:
+        print(f"wrote {p}")
+    return 0

@@ -1,0 +1,123 @@
+"""A generate call with interventions, captures or a breakpoint: the decode loop as an
+object, so it can stop at layer N of step k and continue later from the same state.
+
+Step 0 is the prefill (the forward over the turn's new tokens), step k the k-th decode step.
+Every step runs the request's :class:`~djinn.engine.interventions.LayerPlan` hook after each
+decoder layer. At the breakpoint the step stops after its layer; ``resume`` runs the step's
+remaining layers and the head, then the rest of the generation. Sampling, stop rules and the
+session's bookkeeping are those of ``Engine._run_turn``; the plain path keeps its own loop so
+requests without white-box parts pay nothing for this.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from djinn.engine.cache import PagedCache
+from djinn.engine.executor import ForwardState
+from djinn.engine.interventions import LayerPlan
+from djinn.engine.requests import GenerateResult
+from djinn.engine.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:  # pragma: no cover
+    from djinn.engine.engine import _Turn
+    from djinn.engine.whitebox import WhiteBox
+
+
+class WhiteboxTurn:
+    def __init__(self, wb: "WhiteBox", turn: "_Turn", params: SamplingParams, plan: LayerPlan,
+                 breakpoint: tuple[int, int] | None):
+        self.wb, self.turn, self.params, self.plan, self.breakpoint = wb, turn, params, plan, breakpoint
+        self.s, self.rt = turn.session, turn.runtime
+        self.sampler = Sampler(params, self.rt.device)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.rt.eos_ids()))
+        self.out: list[int] = []
+        self.step = 0
+        self.computed = 0
+        self.finish_reason = "length"
+        self.text: str | None = None
+        self.t_prefill: float | None = None
+        self.paused_s = 0.0          # wall time spent paused, kept out of compute_ms
+        self._paused_at = 0.0
+
+    @torch.inference_mode()
+    def run(self) -> GenerateResult:
+        """Run steps until the generation ends or reaches its breakpoint (which returns a
+        result with ``finish_reason="breakpoint"`` and ``paused`` set)."""
+        ex, s, rt = self.rt.executor, self.s, self.rt
+        while True:
+            pending = s.tokens[s.num_cached:]
+            self.wb.engine._ensure_blocks(s, rt, len(s.tokens))
+            cache = PagedCache(rt.pool, s.block_table, s.num_cached, len(pending))
+            st = ex.begin(cache, torch.tensor([pending], dtype=torch.long, device=rt.device))
+            hook = self.plan.hook(s.num_cached, len(pending))
+            if self.breakpoint is not None and self.breakpoint[1] == self.step:
+                layer = self.breakpoint[0]
+                ex.run_layers(st, until=layer, hook=hook)
+                return self._pause(st, hook, layer)
+            ex.run_layers(st, hook=hook)
+            if self._end_step(st):
+                return self._result()
+
+    @torch.inference_mode()
+    def resume(self, st: ForwardState, hook) -> GenerateResult:
+        """Finish the paused step from ``st`` (its hidden state possibly replaced), then the rest."""
+        self.paused_s += time.perf_counter() - self._paused_at
+        self.breakpoint = None   # one breakpoint per generate
+        try:
+            self.rt.executor.run_layers(st, hook=hook)
+            result = self._result() if self._end_step(st) else self.run()
+        except BaseException:
+            self.wb.abort_turn(self.turn)
+            raise
+        return self.wb.finish_turn(self.turn, result)
+
+    def _pause(self, st: ForwardState, hook, layer: int) -> GenerateResult:
+        ref = self.wb.pause(self.s, st, hook, layer, self.step, turn=self)
+        self._paused_at = time.perf_counter()
+        return GenerateResult(token_ids=list(self.out), text=self.rt.tokenizer.decode(self.out, skip_special_tokens=True),
+                              finish_reason="breakpoint", prompt_tokens=len(self.turn.new_tokens),
+                              cached_tokens=self.turn.cached, computed_tokens=self.computed,
+                              session_id=self.s.id, paused=ref)
+
+    def _end_step(self, st: ForwardState) -> bool:
+        """Head, sampling and stop rules after a step's layers; True when the generation ends."""
+        s, rt, params = self.s, self.rt, self.params
+        logits = rt.executor.finish(st)
+        s.num_cached += st.num_tokens
+        self.computed += st.num_tokens
+        nxt = int(self.sampler(logits[-1:])[0])
+        if self.t_prefill is None:   # the prefill's compute time, without a pause in it
+            self.t_prefill = time.perf_counter() - self.turn.started - self.paused_s
+        self.out.append(nxt)
+        s.tokens.append(nxt)
+        self.step += 1
+        if nxt in self.stop_ids:
+            self.finish_reason = "stop"
+            return True
+        if params.stop:
+            text = rt.tokenizer.decode(self.out, skip_special_tokens=True)
+            hit = min((text.find(x) for x in params.stop if x in text), default=-1)
+            if hit >= 0:
+                self.text, self.finish_reason = text[:hit], "stop"
+                return True
+        return len(self.out) >= params.max_new_tokens or len(s.tokens) >= rt.max_context
+
+    def _result(self) -> GenerateResult:
+        end = time.perf_counter()
+        s = self.s
+        s.ended_with_eos = self.finish_reason == "stop" and self.out[-1] in self.stop_ids
+        s.tokens_computed += self.computed
+        self.wb.engine.counters["tokens_computed"] += self.computed
+        text = self.text if self.text is not None else self.rt.tokenizer.decode(self.out, skip_special_tokens=True)
+        captured = {layer: self.wb.store.put(s.id, t) for layer, t in self.plan.captured_tensors().items()}
+        compute = end - self.turn.started - self.paused_s
+        return GenerateResult(
+            token_ids=self.out, text=text, finish_reason=self.finish_reason, prompt_tokens=0, cached_tokens=0,
+            computed_tokens=self.computed, captured=captured,
+            timings={"prefill_ms": self.t_prefill * 1e3, "decode_ms": (compute - self.t_prefill) * 1e3,
+                     "compute_ms": compute * 1e3, "paused_ms": self.paused_s * 1e3},
+        )

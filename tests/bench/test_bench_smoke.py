@@ -1,0 +1,125 @@
+"""``djinn bench agents|resume|plot`` run end to end in-process on the CPU (the ``--quick``
+presets) and leave the JSON and figures they promise. Timing values are never checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from djinn.bench import agents, plot, resume
+
+from tests.conftest import requires_cuda
+
+RUN_KEYS = {"policy", "tool", "n", "planned_turns", "ok_turns", "success_rate", "errors", "turn_ms", "ttft_ms",
+            "queue_ms", "restore_ms", "compute_ms", "turns_per_min", "tokens_per_s", "peak_device_bytes",
+            "bytes_moved", "no_recompute_share", "returning_turns", "live_agents", "turns", "timeline",
+            "tool_to_compute_ratio", "sustained", "cut_short"}
+DIST_KEYS = {"p50", "p99", "max", "mean"}
+
+
+def _only(out: Path, pattern: str) -> dict:
+    files = sorted(out.glob(pattern))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def _check_agents(rec: dict, policies: list[str], ns: list[int]) -> None:
+    assert rec["bench"] == "agents"
+    assert rec["params"]["time_scale"] == 1.0 and rec["params"]["mode"] == "embedded"
+    runs = rec["results"]["runs"]
+    assert {(r["policy"], r["n"]) for r in runs} == {(p, n) for p in policies for n in ns}
+    for r in runs:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert DIST_KEYS <= set(r["turn_ms"]) and DIST_KEYS <= set(r["ttft_ms"])
+        assert r["planned_turns"] == r["n"] * rec["params"]["turns"] == len(r["turns"])
+        assert r["ok_turns"] + sum(r["errors"].values()) == r["planned_turns"]
+        assert 0.0 <= r["success_rate"] <= 1.0 and r["timeline"]
+        assert r["peak_device_bytes"] is not None
+        if r["policy"] == "resident":
+            # resident never drops KV: every returning turn that completed reused the whole history
+            assert all(t["no_recompute"] for t in r["turns"] if t["ok"] and t["turn"] > 0)
+    assert set(rec["results"]["policies"]) == set(policies)
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory) -> Path:
+    """One small agents run (two policies, N=2, two tool times) and one quick resume run."""
+    out = tmp_path_factory.mktemp("bench")
+    assert agents.main(["--quick", "--n", "2", "--policies", "semantic", "resident", "--no-progress",
+                        "--tools", "fixed:0.01", "fixed:0.05", "--out", str(out)]) == 0
+    assert resume.main(["--quick", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_agents_quick_subset_writes_json(out_dir):
+    rec = _only(out_dir, "agents-quick-*.json")
+    _check_agents(rec, ["semantic", "resident"], [2])
+    assert {r["tool"] for r in rec["results"]["runs"]} == {"fixed:0.01", "fixed:0.05"}
+    # a small device pool, but two agents of the quick shape fit: every turn completes
+    assert all(r["success_rate"] == 1.0 for r in rec["results"]["runs"])
+
+
+def test_resume_quick_writes_json(out_dir):
+    rec = _only(out_dir, "resume-*.json")
+    ctx = rec["results"]["context"]
+    assert ctx["x"] == [64, 128, 256]
+    for name in ("recompute (Djinn)", "Djinn restore", "resident (floor)", "recompute (transformers)",
+                 "manual offload, pageable"):
+        assert len(ctx["curves"][name]) == 3 and all(v is not None and v > 0 for v in ctx["curves"][name])
+    for row in ctx["rows"]:
+        assert {"recompute_ms", "restore_ms", "parked", "restore_runs"} <= set(row["djinn"])
+        assert row["manual"]["offload_pinned"] is None     # CPU: no pinned memory, and the JSON says so
+        assert row["manual"]["kv_bytes"] > 0
+        # the restored session continued from its KV: only the 2 pending tokens went through the model
+        assert all(r["computed_tokens"] == 2 for r in row["djinn"]["restore_runs"])
+    depth = rec["results"]["depth"]
+    assert depth["status"] in ("ok", "unavailable")
+    if depth["status"] == "ok":
+        assert depth["x"] == [1, 2, 3] and set(depth["curves"]) == {"recompute to the pause", "Djinn restore"}
+
+
+@pytest.mark.slow
+def test_agents_quick_full_sweep_and_plots(tmp_path):
+    """The whole --quick preset (what CI-sized smoke means), then every figure from it."""
+    assert agents.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    _check_agents(_only(tmp_path, "agents-quick-*.json"), ["semantic", "lru", "recompute", "resident"], [2, 4, 8])
+    assert agents.main(["--quick", "--preset", "tools", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert resume.main(["--quick", "--no-progress", "--skip", "depth", "--out", str(tmp_path)]) == 0
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "fig")]) == 0
+    names = {p.name for p in (tmp_path / "fig").iterdir()}
+    for stem in ("agents-quick-density", "agents-quick-cdf", "agents-quick-memory", "agents-tools-quick-choice",
+                 "resume-crossover"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+
+
+def test_plot_turns_json_into_pngs(out_dir, tmp_path):
+    assert plot.main([str(out_dir), "--out", str(tmp_path / "fig")]) == 0
+    pngs = {p.name for p in (tmp_path / "fig").glob("*.png")}
+    assert pngs == {"agents-quick-density.png", "agents-quick-cdf.png", "agents-quick-memory.png",
+                    "agents-quick-choice.png", "resume-crossover.png"}
+    assert all(p.stat().st_size > 10_000 for p in (tmp_path / "fig").glob("*.png"))
+
+
+def test_plot_of_an_empty_directory_says_so(tmp_path, capsys):
+    assert plot.main([str(tmp_path)]) == 1
+    assert "nothing to plot" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_paths_of_agents_and_resume(tmp_path):
+    """The CUDA-only branches: torch's peak-memory reading and the pinned manual offload."""
+    assert agents.main(["--quick", "--device", "cuda", "--n", "2", "--policies", "semantic", "--no-progress",
+                        "--out", str(tmp_path)]) == 0
+    run = _only(tmp_path, "agents-quick-*.json")["results"]["runs"][0]
+    assert run["peak_device_source"] == "torch.cuda.max_memory_allocated" and run["peak_device_bytes"] > 0
+    assert resume.main(["--model", "tiny-llama", "--device", "cuda", "--contexts", "64", "128", "--repeat", "1",
+                        "--skip", "depth", "--host-memory", "16MiB", "--park-timeout-s", "1", "--no-progress",
+                        "--out", str(tmp_path)]) == 0
+    rec = _only(tmp_path, "resume-*.json")
+    for row in rec["results"]["context"]["rows"]:
+        pinned = row["manual"]["offload_pinned"]
+        assert pinned["resume_ms"] > 0 and pinned["h2d_ms"] > 0
+    assert "manual offload, pinned" in rec["results"]["context"]["curves"]

@@ -1,0 +1,75 @@
+"""White-box execution on CUDA (fp16 and bf16).
+
+Pausing and resuming runs the very same kernels on the very same tensors as a plain forward,
+so those logits must be bitwise equal. Against transformers (whose attention may pick another
+SDPA kernel for differently laid-out K/V) the comparison is greedy tokens, as in
+test_cuda.py, and logits within half-precision tolerance, with the steering effect itself
+many times larger than that tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn.engine import GenerateRequest
+
+from tests.conftest import loaded, requires_cuda
+from tests.engine.test_whitebox import LayerEdit, greedy, hf_greedy, make_engine, prompt
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_pause_resume_is_bitwise_a_plain_forward_and_steering_matches_transformers(dtype):
+    lm = loaded("tiny-llama", device="cuda", dtype=dtype)
+    eng = make_engine(lm)
+    ids = prompt(lm, 37, 1)
+    v = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
+    tol = {"atol": 2e-2, "rtol": 0.0}   # logits are ~0.5 in size; bf16 keeps ~3 significant digits
+    try:
+        plain = eng.fetch(eng.forward(eng.open_session("m"), ids)["logits"]["id"])
+        for layer in range(lm.config.num_hidden_layers):
+            sid = eng.open_session("m")
+            p = eng.forward(sid, ids, breakpoint=layer)["paused"]
+            assert torch.equal(eng.fetch(eng.resume(p["paused_id"])["logits"]["id"]), plain), layer
+            assert eng.generate(sid, GenerateRequest([4, 5], greedy(6))).token_ids == hf_greedy(lm.model, ids + [4, 5], 6)
+
+            edit = LayerEdit(lm.model, layer, lambda h: h + v.to(h.device))
+            try:
+                with torch.inference_mode():
+                    ref = lm.model(torch.tensor([ids], device="cuda")).logits[0].float()
+            finally:
+                edit.remove()
+            p = eng.forward(eng.open_session("m"), ids, breakpoint=layer)["paused"]
+            tree = {"op": "add", "args": [{"ref": p["activation"]["id"]}, {"tensor": 0}]}   # p.activation + v
+            got = eng.fetch(eng.resume(p["paused_id"], tree, [v])["logits"]["id"])
+            assert torch.allclose(got, ref.cpu(), **tol), layer
+            assert (got - plain).abs().max() > 10 * tol["atol"]          # the steering is far above the tolerance
+    finally:
+        eng.shutdown()
+
+
+def test_cuda_interventions_over_a_generation_match_transformers_generate_with_hooks():
+    lm = loaded("tiny-llama", device="cuda", dtype=torch.float16)
+    eng = make_engine(lm)
+    ids = prompt(lm, 20, 2)
+    v = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(1)).to("cuda", torch.float16)
+    edits = [LayerEdit(lm.model, 0, lambda h: h * 1.5), LayerEdit(lm.model, 2, lambda h: h + v, positions=[-1])]
+    try:
+        ref = hf_greedy(lm.model, ids, 10)
+    finally:
+        for e in edits:
+            e.remove()
+    try:
+        out = eng.generate(eng.open_session("m"), GenerateRequest(ids, greedy(10), interventions=[
+            {"kind": "scale", "layer": 0, "factor": 1.5, "positions": None},
+            {"kind": "add", "layer": 2, "vector": v.cpu(), "positions": [-1]}]))
+        assert out.token_ids == ref
+        paused = eng.generate(eng.open_session("m"), GenerateRequest(ids, greedy(10), breakpoint=(1, 4)))
+        h = eng.fetch(paused.paused["activation"]["id"])
+        assert h.device.type == "cpu" and h.dtype == torch.float16
+        done = eng.resume(paused.paused["paused_id"], h)["generation"]   # sent back from the client
+        assert done.token_ids == hf_greedy(lm.model, ids, 10)
+    finally:
+        eng.shutdown()
