@@ -27,7 +27,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> Config:
     mem = MemoryConfig(gpu_memory=getattr(args, "gpu_memory", None), host_memory=getattr(args, "host_memory", None),
-                       policy=getattr(args, "policy", "semantic"), block_size=getattr(args, "block_size", 16))
+                       policy=getattr(args, "policy", "semantic"), block_size=getattr(args, "block_size", 16),
+                       offload=True if getattr(args, "offload", False) else None,
+                       stream_slots=getattr(args, "stream_slots", None), stream_chunk=getattr(args, "stream_chunk", None))
     engine = EngineConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
                           seed=getattr(args, "seed", 0), memory=mem)
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 5556),
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API")
     serve.add_argument("--offload", action="store_true", help="stream weights from host memory")
     serve.add_argument("--stream-slots", type=int, default=None, help="device ring slots for weight streaming")
+    serve.add_argument("--stream-chunk", default=None, help="bytes per weight copy, e.g. 64MiB (default: a layer)")
     _engine_args(serve)
 
     models = sub.add_parser("models", help="list or fetch models")

@@ -49,7 +49,14 @@ def default_home() -> Path:
 @dataclass
 class MemoryConfig:
     """Budgets. ``gpu_memory``: bytes Djinn may use on the device (weights + KV + workspace);
-    ``host_memory``: pinned host bytes for parked KV. None means chosen automatically."""
+    ``host_memory``: pinned host bytes for parked KV. None means chosen automatically.
+
+    Weight streaming (djinn.memory.streaming): ``offload`` True keeps every model's decoder
+    layers in a pinned host arena and streams them through ``stream_slots`` device slots
+    (None: the default from the recorded sweep), copying ``stream_chunk`` bytes per copy
+    (None: a whole layer per copy); None (auto) streams a model only when its weights leave
+    no room in the device budget; False never streams. Embeddings, norms and the head always
+    stay on the device, and so do the first ``stream_resident_layers`` decoder layers."""
 
     gpu_memory: str | int | float | None = None
     host_memory: str | int | float | None = None
@@ -59,6 +66,10 @@ class MemoryConfig:
     policy: str = "semantic"           # semantic | lru | recompute | resident
     host_chunk_bytes: int = 1 << 30    # the host arena is pinned in chunks of this size, in the background
     workspace_fraction: float = 0.10   # share of the free device budget kept for activations
+    offload: bool | None = None        # stream decoder layers from host memory: True | None (auto) | False
+    stream_slots: int | None = None    # device ring slots for streamed layers
+    stream_chunk: str | int | None = None  # bytes per host->device copy, e.g. 64MiB (None: whole layer)
+    stream_resident_layers: int = 0   # with streaming, the first this many decoder layers stay on the device
 
 
 @dataclass

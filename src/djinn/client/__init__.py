@@ -13,12 +13,14 @@ from djinn.config import Config, EngineConfig, MemoryConfig, default_home
 def connect(address: str | None = None, token: str | None = None, *, models: list[str] | None = None,
             device: str = "auto", dtype: str = "auto", gpu_memory=None, host_memory=None,
             policy: str = "semantic", home: str | Path | None = None, kv_blocks: int | None = None,
-            block_size: int = 16, seed: int = 0) -> Client:
+            block_size: int = 16, seed: int = 0, offload: bool | None = None, stream_slots: int | None = None,
+            stream_chunk=None) -> Client:
     """Connect to Djinn.
 
     With no address, starts an engine in this process (embedded mode): models load on first
     ``client.model(name)`` (or up front with ``models=[...]``). The keyword options configure
-    that engine. With ``"host:port"``, connects to a running ``djinn serve``.
+    that engine (``offload``/``stream_slots``/``stream_chunk``: weight streaming, see MemoryConfig).
+    With ``"host:port"``, connects to a running ``djinn serve``.
     """
     if address is not None:
         from djinn.client.remote import RemoteBackend  # the server issue provides it
@@ -27,7 +29,7 @@ def connect(address: str | None = None, token: str | None = None, *, models: lis
     from djinn.client.embedded import EmbeddedBackend
 
     mem = MemoryConfig(gpu_memory=gpu_memory, host_memory=host_memory, policy=policy, kv_blocks=kv_blocks,
-                       block_size=block_size)
+                       block_size=block_size, offload=offload, stream_slots=stream_slots, stream_chunk=stream_chunk)
     config = Config(models=list(models or []), home=Path(home) if home else default_home(),
                     engine=EngineConfig(device=device, dtype=dtype, seed=seed, memory=mem))
     return Client(EmbeddedBackend(config))

@@ -47,10 +47,14 @@ class EmbeddedBackend(Backend):
 
     def _ensure(self, name: str) -> None:
         if name not in self.engine.runtimes:
+            from djinn.memory.budget import should_offload
             from djinn.models import load_model
 
+            mem = self.config.engine.memory
             loaded = load_model(name, device=self.device, dtype=self.dtype, home=self.config.home,
-                                seed=self.config.engine.seed)
+                                seed=self.config.engine.seed,
+                                offload=lambda nbytes: should_offload(mem, self.device, nbytes),
+                                resident_layers=mem.stream_resident_layers)
             self.engine.add_model(name, loaded)
 
     def model_info(self, name: str) -> dict[str, Any]:

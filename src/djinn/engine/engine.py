@@ -64,12 +64,13 @@ class Engine:
         if name in self.runtimes:
             raise InvalidRequest(f"model {name!r} is already loaded")
         mem = self.config.memory
-        weights = sum(rt.loaded.weight_bytes() for rt in self.runtimes.values()) + loaded.weight_bytes()
+        weights = (sum(rt.device_weight_bytes for rt in self.runtimes.values())
+                   + ModelRuntime.device_weight_bytes_for(loaded, mem))
         kv_taken = sum(rt.pool.total_bytes for rt in self.runtimes.values())
         budget = plan(mem, loaded.device, weights + kv_taken)
         block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
         blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, budget.kv_bytes // block_bytes)
-        rt = ModelRuntime.build(name, loaded, mem.block_size, blocks)
+        rt = ModelRuntime.build(name, loaded, mem.block_size, blocks, memory=mem)
         if self.residency is None:
             self.residency = Residency(mem, loaded.device)
         if mem.host_blocks is not None:
@@ -98,6 +99,13 @@ class Engine:
             raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
         s = self._session(session_id, owner)
         self.residency.signal(s, Phase(phase))
+
+    def truncate(self, session_id: str, length: int, owner: str | None = None) -> None:
+        """Cut a session's history to its first ``length`` tokens, dropping their KV past that.
+
+        For front ends that find a client's conversation diverging from the session (an edited
+        message, a re-tokenized reply): KV of tokens that no longer match is never reused."""
+        self.loop.call(self._truncate, session_id, length, owner)
 
     def session_info(self, session_id: str, owner: str | None = None) -> dict:
         return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
@@ -163,6 +171,21 @@ class Engine:
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
 
+    def _truncate(self, session_id: str, length: int, owner: str | None) -> None:
+        s = self._session(session_id, owner)
+        if s.phase is Phase.PAUSED:
+            raise InvalidRequest("the session is paused at a breakpoint: resume it before truncating")
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= len(s.tokens):
+            raise InvalidRequest(f"truncate length must be an integer in [0, {len(s.tokens)}], got {length!r}")
+        if length == len(s.tokens):
+            return
+        del s.tokens[length:]
+        self.residency.truncate(s, length)      # KV past ``length``, wherever it is, is given back
+        # the templated chat history no longer describes the tokens: later text turns start afresh
+        s.messages = []
+        s.ended_with_eos = False
+        s.touch()
+
     def _close_all(self) -> None:
         for sid in list(self.sessions):
             self._close_session(sid, self.sessions[sid].owner)
@@ -216,7 +239,7 @@ class Engine:
         s.tokens.extend(new)
         try:
             if wb_plan is None:
-                result = self._run_turn(s, rt, params, turn.started)
+                result = self._run_turn(s, rt, params, turn.started, req)
             else:
                 result = self.whitebox.run_turn(turn, params, wb_plan)
                 if result.paused is not None:  # stopped at a breakpoint: resume() finishes the turn
@@ -281,7 +304,8 @@ class Engine:
             memory["recompute_ms"] = (time.perf_counter() - t0) * 1e3
 
     @torch.inference_mode()
-    def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float) -> GenerateResult:
+    def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float,
+                  req: GenerateRequest | None = None) -> GenerateResult:
         device = rt.device
         sampler = Sampler(params, device)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(rt.eos_ids()))
@@ -298,11 +322,16 @@ class Engine:
             logits = rt.executor.forward(cache, ids)
             s.num_cached += len(pending)
             computed += len(pending)
-            nxt = int(sampler(logits[-1:])[0])
+            last = logits[-1:]
+            if req is not None and req.logits_processor is not None:
+                last = req.logits_processor(out, last)
+            nxt = int(sampler(last)[0])
             if t_prefill is None:
                 t_prefill = time.perf_counter()
             out.append(nxt)
             s.tokens.append(nxt)
+            if req is not None and req.on_token is not None:
+                req.on_token(nxt)
             if nxt in stop_ids:
                 finish = "stop"
                 break
@@ -357,5 +386,6 @@ class Engine:
             "bandwidth_gbps": mem.get("bandwidth_gbps", {}),
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
+            "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},
             **self.counters,
         }

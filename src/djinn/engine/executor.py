@@ -6,12 +6,16 @@ embeddings, masks) and captures the arguments that code passes to the layers; ``
 runs decoder layers as units, calling an optional per-layer hook (interventions, captures);
 ``finish`` applies the final norm and the LM head. A ``ForwardState`` between calls is all a
 paused forward needs; it holds no global state, so several forwards can be in flight.
+
+``layer_source`` (optional) is told before and after each decoder layer runs: a weight
+streamer (djinn.memory.streaming) uses it to bring the layer's weights onto the device. It is
+the only way the executor knows a model is streamed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -19,6 +23,14 @@ from djinn.engine.cache import PagedCache
 from djinn.models.adapter import Architecture
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class LayerSource(Protocol):
+    """Where decoder layers' weights come from: called around every decoder layer."""
+
+    def before_layer(self, layer: int) -> None: ...
+
+    def after_layer(self, layer: int) -> None: ...
 
 
 class _Captured(Exception):
@@ -44,9 +56,10 @@ class ForwardState:
 class Executor:
     """Executes forwards of one model. Stateless apart from the model it runs."""
 
-    def __init__(self, model: torch.nn.Module, arch: Architecture):
+    def __init__(self, model: torch.nn.Module, arch: Architecture, layer_source: LayerSource | None = None):
         self.model = model
         self.arch = arch
+        self.layer_source = layer_source
 
     @property
     def num_layers(self) -> int:
@@ -54,13 +67,19 @@ class Executor:
 
     def begin(self, cache: PagedCache, input_ids: torch.Tensor) -> ForwardState:
         """Run embeddings/positions/masks and return the state before decoder layer 0."""
+        hidden, rest, kwargs = self.enter_layers(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return ForwardState(cache=cache, hidden=hidden, next_layer=0, layer_args=rest, layer_kwargs=kwargs)
+
+    def enter_layers(self, **forward_kwargs) -> tuple[torch.Tensor, tuple, dict]:
+        """Run the backbone's own code up to decoder layer 0 with ``forward_kwargs``; return the
+        hidden state and the other positional and keyword arguments it passes to the layers."""
 
         def grab(module, args, kwargs):
             raise _Captured(args, kwargs)
 
         handle = self.arch.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            self.arch.backbone(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            self.arch.backbone(**forward_kwargs)
         except _Captured as c:
             args, kwargs = c.args, dict(c.kwargs)
         else:  # pragma: no cover - a model that never calls its first layer
@@ -68,17 +87,23 @@ class Executor:
         finally:
             handle.remove()
         if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        return ForwardState(cache=cache, hidden=hidden, next_layer=0, layer_args=rest, layer_kwargs=kwargs)
+            return args[0], tuple(args[1:]), kwargs
+        return kwargs.pop("hidden_states"), (), kwargs
 
     def run_layers(self, st: ForwardState, until: int | None = None, hook: LayerHook | None = None) -> ForwardState:
         """Run decoder layers ``st.next_layer .. until`` (inclusive; None = all)."""
         last = self.num_layers - 1 if until is None else until
         h = st.hidden
+        src = self.layer_source
         for i in range(st.next_layer, last + 1):
-            out = self.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
+            if src is None:
+                out = self.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
+            else:
+                src.before_layer(i)
+                try:
+                    out = self.arch.layers[i](h, *st.layer_args, **st.layer_kwargs)
+                finally:
+                    src.after_layer(i)
             h = out[0] if isinstance(out, tuple) else out
             if hook is not None:
                 h = hook(i, h)
@@ -101,3 +126,11 @@ class Executor:
         st = self.begin(cache, input_ids)
         self.run_layers(st, hook=hook)
         return self.finish(st, last_only=last_only)
+
+    # ---- many sessions per forward (djinn.engine.batch) ---------------------------------
+    def forward_batch(self, pool, items: list, backend=None, graphs=None) -> list[torch.Tensor]:
+        """One forward for a packed batch of ``BatchItem``s; logits per item (see batch.py).
+        Pure decode batches without hooks replay ``graphs`` (a DecodeGraphs) when given."""
+        from djinn.engine import batch
+
+        return batch.forward_batch(self, pool, items, backend=backend, graphs=graphs)

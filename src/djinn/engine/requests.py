@@ -7,6 +7,9 @@ as the protocol's ``generate`` message and reply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 
 from djinn.engine.sampling import SamplingParams
 
@@ -24,6 +27,15 @@ class GenerateRequest:
     @property
     def whitebox(self) -> bool:
         return bool(self.interventions or self.capture or self.breakpoint is not None)
+    # In-process hooks for front ends (the HTTP API's streaming and grammar-constrained tool calls); never
+    # on the wire (a remote client cannot send code). Both run on
+    # the engine loop thread, so they must be quick and must not call back into the engine.
+    # logits_processor(out, logits): ``out`` = tokens generated so far this turn, ``logits`` = [1, vocab]
+    # float logits of the next token; returns the logits to sample from (e.g. masked by a grammar).
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    # on_token(token_id): called after each generated token joins the session. Raising from it (e.g.
+    # djinn.errors.Cancelled when the client went away) aborts the turn and rolls the session back.
+    on_token: Callable[[int], None] | None = None
 
 
 @dataclass

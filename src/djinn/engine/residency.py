@@ -106,10 +106,25 @@ class Residency:
             s.kv_state = KVState.DEVICE
             tier.sessions.pop(s.id, None)
 
+    def truncate(self, s: Session, length: int) -> None:
+        """Keep only the KV of the first ``length`` tokens, wherever it is (a copy in flight is
+        called off first: its source is intact)."""
+        with self.lock:
+            tier = self.tiers[s.model]
+            self._cancel(s)
+            s.num_cached = min(s.num_cached, length)
+            s.rebuild_to = min(s.rebuild_to, length)
+            keep = tier.pool.shape.blocks_for(s.num_cached)
+            for table, owner in ((s.block_table, tier.pool), (s.host_table, tier.arena)):
+                if len(table) > keep:
+                    owner.release(table[keep:])
+                    del table[keep:]
+
     # ---- where ------------------------------------------------------------------------
     def location(self, s: Session) -> str:
         """``device`` | ``host`` | ``moving`` | ``dropped`` | ``none`` (no KV yet)."""
         with self.lock:
+            self._reap()                        # copies that finished show where they landed
             st = s.kv_state
             if st in (KVState.PARKING, KVState.RESTORING):
                 return "moving"

@@ -1,4 +1,9 @@
-"""Everything the engine keeps per loaded model: weights, executor, KV pool."""
+"""Everything the engine keeps per loaded model: weights, executor, KV pool, weight streamer.
+
+A model loaded with its decoder layers in a host arena (``loaded.arena``) gets a
+``WeightStreamer`` as its executor's layer source; its device weight cost is then the resident
+parts plus the streamer's ring of slots, not the whole model.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from djinn.config import MemoryConfig
 from djinn.engine.executor import Executor
 from djinn.memory.blocks import BlockPool, KVShape
+from djinn.memory.budget import stream_chunk, stream_slots
+from djinn.memory.streaming import WeightStreamer
 from djinn.models.adapter import Architecture, locate
 
 
@@ -37,14 +45,41 @@ class ModelRuntime:
     kv: KVShape
     pool: BlockPool
     max_context: int
+    streamer: WeightStreamer | None = None
 
     @classmethod
-    def build(cls, name: str, loaded, block_size: int, kv_blocks: int) -> "ModelRuntime":
+    def build(cls, name: str, loaded, block_size: int, kv_blocks: int,
+              memory: MemoryConfig | None = None) -> "ModelRuntime":
         arch = locate(loaded.model)
         kv = kv_geometry(loaded.config, block_size, loaded.dtype)
+        streamer = None
+        if loaded.arena is not None:
+            streamer = WeightStreamer(loaded.arena, loaded.device, cls.stream_slots_for(loaded, memory),
+                                      stream_chunk(memory))
         pool = BlockPool(kv, kv_blocks, loaded.device)
-        return cls(name=name, loaded=loaded, arch=arch, executor=Executor(loaded.model, arch), kv=kv,
-                   pool=pool, max_context=max_context(loaded.config))
+        return cls(name=name, loaded=loaded, arch=arch, executor=Executor(loaded.model, arch, layer_source=streamer),
+                   kv=kv, pool=pool, max_context=max_context(loaded.config), streamer=streamer)
+
+    @staticmethod
+    def stream_slots_for(loaded, memory: MemoryConfig | None) -> int:
+        """Ring slots a streamed model gets: as configured, or the default that fits its budget
+        (counted for this model alone; with several models the plan says whether all fit)."""
+        slots = stream_slots(memory, loaded.device, loaded.weight_bytes(resident_only=True),
+                             loaded.arena.max_layer_bytes)
+        return min(slots, loaded.arena.num_layers)
+
+    @classmethod
+    def device_weight_bytes_for(cls, loaded, memory: MemoryConfig | None) -> int:
+        """What ``loaded``'s weights will take on the device once built with ``memory``."""
+        if loaded.arena is None:
+            return loaded.weight_bytes()
+        return loaded.weight_bytes(resident_only=True) + cls.stream_slots_for(loaded, memory) * loaded.arena.max_layer_bytes
+
+    @property
+    def device_weight_bytes(self) -> int:
+        if self.streamer is None:
+            return self.loaded.weight_bytes()
+        return self.loaded.weight_bytes(resident_only=True) + self.streamer.device_bytes
 
     @staticmethod
     def block_bytes_for(loaded, block_size: int) -> int:

@@ -1,5 +1,6 @@
-"""Memory: budgets, the device KV block pool, the pinned host arena, the pager that moves blocks
-between them, and the policies that decide whose KV moves."""
+"""Memory: budgets, the device KV block pool, the KV host arena (``memory.host``), the pager that
+moves KV blocks between them, the policies that decide whose KV moves, and weight streaming
+(``memory.streaming``: its own host arena, a device ring of slots, copy engines)."""
 
 from djinn.memory.blocks import BlockPool, KVShape
 from djinn.memory.host import HostArena

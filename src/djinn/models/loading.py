@@ -12,6 +12,10 @@ which ``to_empty`` leaves as garbage, and re-ties tied embeddings. Invariants:
 - same preset + seed + device + dtype => bitwise identical weights;
 - the caller's RNG state is left as it was;
 - no tensor is left uninitialised (checked: everything is filled with NaN first).
+
+With ``offload`` the decoder layers' parameters go into a host arena instead of onto the
+device (models/offload.py); ``LoadedModel.arena`` then holds them and the engine streams them
+(djinn.memory.streaming). Every other tensor is on ``device`` as always.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -42,18 +46,24 @@ class LoadedModel:
     dtype: torch.dtype
     is_chat: bool              # the tokenizer carries a chat template meant for chat
     source: str                # "preset" | "cache" | "local-dir" | "gguf"
+    arena: Any = field(default=None, repr=False)   # HostArena of streamed decoder layers, or None
 
-    def weight_bytes(self) -> int:
-        """Bytes of all parameters and buffers; tensors sharing memory (tied) count once."""
+    def weight_bytes(self, *, resident_only: bool = False) -> int:
+        """Bytes of all parameters and buffers; tensors sharing memory (tied) count once.
+        ``resident_only``: leave out what lives in the host arena (what the device holds)."""
         seen: set[int] = set()
         total = 0
         for tensor in [*self.model.parameters(), *self.model.buffers()]:
             ptr = tensor.data_ptr()
-            if ptr in seen:
+            if ptr in seen or (resident_only and self.arena is not None and self.arena.contains(tensor)):
                 continue
             seen.add(ptr)
             total += tensor.numel() * tensor.element_size()
         return total
+
+    @property
+    def streamed(self) -> bool:
+        return self.arena is not None
 
 
 def resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
@@ -165,22 +175,56 @@ def load_model(
     home: Path,
     seed: int = 0,
     progress: bool = True,
+    offload: bool | Callable[[int], bool] = False,
+    resident_layers: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load ``name`` (a preset, a cached model, a model directory or a .gguf file) onto
-    ``device``. ``seed`` only matters for presets. Raises ModelNotFound / UnsupportedModel."""
+    ``device``. ``seed`` only matters for presets. Raises ModelNotFound / UnsupportedModel.
+
+    ``offload``: keep the decoder layers in a host arena for streaming; True, False, or a
+    function of the model's weight bytes that decides (e.g. "they don't fit the budget");
+    ``resident_layers``: with offload, keep the first this many decoder layers on the device.
+    ``log``: where to report the progress of an offloaded build (it takes a while for 13B)."""
+    from djinn.models import offload as off
+
     device = torch.device(device)
     dtype = resolve_dtype(device, dtype)
     ref = registry.resolve(name, home)
+    arena = None
     if ref.source == registry.SOURCE_PRESET:
         assert ref.preset is not None
-        model = build_random(ref.preset.make_config(), device=device, dtype=dtype, seed=seed)
+        config = ref.preset.make_config()
+        if _decide(offload, lambda: _meta_bytes(config, dtype)):
+            model, arena = off.build_random_offloaded(config, device=device, dtype=dtype, seed=seed,
+                                                      seeded=_seeded, log=log, resident_layers=resident_layers)
+        else:
+            model = build_random(config, device=device, dtype=dtype, seed=seed)
         tokenizer, is_chat = byte_tokenizer(), False
     else:
         with progress_bars(progress):
             model, tokenizer = _load_local(ref, dtype)
-        model.to(device)
+        if _decide(offload, lambda: off.param_bytes(model)):
+            arena = off.offload_loaded(model, device, log=log, resident_layers=resident_layers)
+        else:
+            model.to(device)
         is_chat = getattr(tokenizer, "chat_template", None) is not None
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, config=model.config, device=device,
-                       dtype=dtype, is_chat=is_chat, source=ref.source)
+                       dtype=dtype, is_chat=is_chat, source=ref.source, arena=arena)
+
+
+def _meta_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    from djinn.models.offload import param_bytes
+
+    with torch.device("meta"):
+        return param_bytes(AutoModelForCausalLM.from_config(config, dtype=dtype))
+
+
+def _decide(offload: bool | Callable[[int], bool], weight_bytes: Callable[[], int]) -> bool:
+    if isinstance(offload, bool):
+        return offload
+    if callable(offload):
+        return bool(offload(weight_bytes()))
+    raise InvalidRequest(f"offload must be True, False or a function of the weight bytes, got {offload!r}")

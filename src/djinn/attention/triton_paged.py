@@ -1,0 +1,254 @@
+"""GPU paged attention: a Triton flash-decoding kernel that reads K/V in place from the pool.
+
+Written for Djinn's layout: a block holds all layers, so one layer's keys are the strided view
+``pool[:, layer, 0]`` = ``[num_blocks, block_size, kv_heads, D]`` (block stride = all layers' K
+and V of a block). The kernel never copies the context: each program walks its sequence's
+block table and loads key/value tiles straight from the blocks they live in.
+
+Work split (flash-decoding): program ``(t, g, s)`` handles query token ``t``, KV head ``g`` (with
+all ``H / kv_heads`` query heads that share it, as one tile: GQA costs one read of K/V), and
+split ``s`` of the token's context. Splits let a small batch fill the GPU; their partial
+results (normalised output + log-sum-exp) are merged by a second small kernel. The number of
+splits depends only on the number of query tokens (a shape), never on device data, so the
+launch is identical at every replay of a captured CUDA graph; each program derives its range
+from the token's ``kv_len``, read on the device.
+
+Each query token carries its own ``kv_len`` (causality is per token), so the kernel serves
+decode rows of any batch. Prefill chunks (many tokens of one sequence) go to the reference
+gather + SDPA path, where the attention's own compute dominates the gather.
+
+``triton`` is imported on first use only: CPU installs and tests never need it. With
+``TRITON_INTERPRET=1`` set before first use, the same kernels run on CPU tensors (slowly).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from djinn.attention.base import AttentionBackend, AttentionMetadata
+from djinn.attention.reference import attend_spans
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """Compile-on-demand kernels; ``interpret`` only keys the cache (triton reads the env var)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(Q, K, V, Tables, TokSeq, KvLens, Out, PartO, PartLse,
+                     qk_scale,
+                     stride_qt, stride_qh,
+                     stride_kb, stride_ko, stride_kh,
+                     stride_vb, stride_vo, stride_vh,
+                     stride_tab,
+                     stride_ot, stride_oh,
+                     stride_pt, stride_ph, stride_ps,
+                     stride_lt, stride_lh,
+                     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        t = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq = tl.load(TokSeq + t).to(tl.int64)
+        kv_len = tl.load(KvLens + t)
+        # this split's range, whole tiles only; later splits of a short context are empty
+        chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, kv_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_j = tl.arange(0, BLOCK_N)
+        heads = kvh * GROUP + offs_h
+        mask_h = offs_h < GROUP
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        table = Tables + seq * stride_tab
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + offs_j
+            mask_n = offs_n < hi
+            # masked lanes read table entry 0 of nothing: no load happens for them
+            blk = tl.load(table + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+            slot = offs_n % PAGE
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + blk[:, None] * stride_kb + slot[:, None] * stride_ko + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vo + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        out_mask = mask_h[:, None] & mask_d[None, :]
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        if NUM_SPLITS == 1:
+            tl.store(Out + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=out_mask)
+        else:
+            lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+            tl.store(PartO + t * stride_pt + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                     out, mask=out_mask)
+            tl.store(PartLse + t * stride_lt + heads * stride_lh + split, lse, mask=mask_h)
+
+    @triton.jit
+    def merge_kernel(PartO, PartLse, Out,
+                     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_s = offs_s < NUM_SPLITS
+        mask_d = offs_d < HEAD_DIM
+        lse = tl.load(PartLse + t * stride_lt + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+        m = tl.max(lse, 0)              # finite: split 0 always holds >= 1 key
+        w = tl.math.exp2(lse - m)       # empty splits: exp2(-inf) = 0
+        o = tl.load(PartO + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+        tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+    return split_kernel, merge_kernel
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def choose_splits(tokens: int, kv_heads: int, device: torch.device, max_splits: int = 16) -> int:
+    """Splits per (token, KV head) so the launch has about two programs per SM. A function of
+    shapes only: a captured graph and an eager call of the same batch size launch the same."""
+    splits = 1
+    while tokens * kv_heads * splits < 2 * _sm_count(device) and splits < max_splits:
+        splits *= 2
+    return splits
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 token_seq: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+                 num_splits: int | None = None) -> torch.Tensor:
+    """Attention of each query token ``q[t]`` ([T, H, D]) over the first ``kv_lens[t]`` tokens of
+    sequence ``token_seq[t]``, whose blocks are ``block_tables[token_seq[t]]``. Returns [T, H, D]."""
+    T, H, D = q.shape
+    _, page, kv_heads, dk = k_cache.shape
+    if dk != D or v_cache.shape != k_cache.shape or H % kv_heads:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the pool's head_dim must be contiguous")
+    if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
+        raise ValueError("block tables must be int32 with contiguous rows")
+    if token_seq.dtype != torch.int32 or kv_lens.dtype != torch.int32:
+        raise ValueError("token_seq and kv_lens must be int32")
+    split_kernel, merge_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    group = H // kv_heads
+    block_h = max(16, _pow2(group))
+    block_d = max(16, _pow2(D))
+    block_n = 64 if block_d <= 128 else 32
+    splits = num_splits or choose_splits(T, kv_heads, q.device)
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part_o = torch.empty((T, H, splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((T, H, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o, part_lse = out, out   # not touched when there is one split
+    ieee = q.dtype == torch.float32
+    split_kernel[(T, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, token_seq, kv_lens, out, part_o, part_lse,
+        scale * 1.4426950408889634,   # log2(e): the kernel works in base 2
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if splits > 1 else 0,
+        part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
+        NUM_SPLITS=splits, IEEE=ieee, num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        merge_kernel[(T, H)](
+            part_o, part_lse, out,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=max(2, _pow2(splits)), num_warps=4,
+        )
+    return out
+
+
+class TritonPagedBackend(AttentionBackend):
+    """Decode rows through the paged kernel; prefill chunks through gather + SDPA."""
+
+    name = "triton-paged"
+    graph_safe = True
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        if meta.decode_only or meta.spans is None:
+            return meta
+        dec_rows, pre_spans, pre_rows, row = [], [], [], 0
+        for s in meta.spans:
+            if s.new == 1:
+                dec_rows.append(row)
+            else:
+                pre_spans.append(s)
+                pre_rows.append(row)
+            row += s.new
+        if dec_rows:
+            idx = torch.tensor(dec_rows, dtype=torch.long, device=meta.token_seq.device)
+            meta.extra["decode"] = (idx, meta.token_seq[idx], meta.kv_lens[idx])
+        meta.extra["prefill"] = (pre_spans, pre_rows)
+        return meta
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.decode_only or meta.spans is None:
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.token_seq, meta.kv_lens, scale)
+        if "prefill" not in meta.extra:
+            self.prepare(meta)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if "decode" in meta.extra:
+            idx, seq, lens = meta.extra["decode"]
+            out[idx] = paged_decode(q[idx], k_cache, v_cache, meta.block_tables, seq, lens, scale)
+        spans, rows = meta.extra["prefill"]
+        attend_spans(q, k_cache, v_cache, spans, rows, meta.block_size, scale, out)
+        return out
