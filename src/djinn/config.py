@@ -62,8 +62,9 @@ class MemoryConfig:
     host_memory: str | int | float | None = None
     block_size: int = 16               # tokens per KV block (a block holds all layers)
     kv_blocks: int | None = None       # explicit device block count (tests); overrides the budget
-    host_blocks: int | None = None     # explicit host block count (tests)
+    host_blocks: int | None = None     # explicit host block count (tests); overrides host_memory
     policy: str = "semantic"           # semantic | lru | recompute | resident
+    host_chunk_bytes: int = 1 << 30    # the host arena is pinned in chunks of this size, in the background
     workspace_fraction: float = 0.10   # share of the free device budget kept for activations
     offload: bool | None = None        # stream decoder layers from host memory: True | None (auto) | False
     stream_slots: int | None = None    # device ring slots for streamed layers

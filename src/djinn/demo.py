@@ -1,8 +1,9 @@
 """``djinn demo``: the embedded default, server and client in one process.
 
 Shows a chat answer, a second turn that continues the same server-resident session (only the
-new tokens are computed), a second session sharing the same weights, and for every step where
-each session's state lives and how long the step took.
+new tokens are computed), a second session sharing the same weights, a tool call during which
+the first session's KV is parked in host memory (``IO_WAIT``) and brought back (``ACTIVE``) before
+it continues, and for every step where each session's state lives and how long the step took.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _settled(sess, timeout: float = 10.0) -> dict:
+    """The session's info once its KV stopped moving (a park takes a moment)."""
+    deadline = time.monotonic() + timeout
+    info = sess.info()
+    while info["kv_location"] == "moving" and time.monotonic() < deadline:
+        time.sleep(0.005)
+        info = sess.info()
+    return info
+
+
 def run_demo(config: Config, model: str | None = None) -> int:
     console = Console()
     name, real = _pick_model(config, model)
@@ -47,7 +58,7 @@ def run_demo(config: Config, model: str | None = None) -> int:
                   f"KV pool {_mib(stats['memory']['kv_device_capacity'])}")
 
     table = Table(title="Each step: where the session's state lives and what it cost")
-    for col in ("step", "session", "prompt tok", "reused (cached)", "computed", "KV on device", "time"):
+    for col in ("step", "session", "prompt tok", "cached", "computed", "KV where, size", "restore", "time"):
         table.add_column(col)
 
     def show(step: str, sess, out, prompt_text: str) -> None:
@@ -55,8 +66,8 @@ def run_demo(config: Config, model: str | None = None) -> int:
         console.print(f"\n[bold cyan]{step}[/] [dim](session {sess.id[:8]})[/]\n[green]user:[/] {prompt_text}\n"
                       f"[magenta]assistant:[/] {out.text.strip()}")
         table.add_row(step, sess.id[:8], str(out.prompt_tokens), str(out.cached_tokens), str(out.computed_tokens),
-                      f"{info['kv_tokens']} tok in {info['kv_blocks']} blocks ({_mib(info['kv_bytes'])})",
-                      f"{out.timings['total_ms']:.0f} ms")
+                      f"{info['kv_location']}: {info['kv_tokens']} tok, {_mib(info['kv_bytes'])}",
+                      f"{out.timings['restore_ms']:.1f} ms", f"{out.timings['total_ms']:.0f} ms")
 
     a = m.session()
     q1 = "What is the capital of France? Answer in one sentence."
@@ -67,6 +78,19 @@ def run_demo(config: Config, model: str | None = None) -> int:
     q3 = "Name three colours of the rainbow."
     show("3. second session, same weights", b, b.generate(q3, max_new_tokens=40), q3)
 
+    # 4-5. session A calls a tool: its KV goes to host memory while B keeps computing
+    a.signal_phase("IO_WAIT")
+    console.print(f"\n[bold cyan]Session {a.id[:8]} calls a tool[/] and signals IO_WAIT: its KV is copied to host "
+                  f"memory in the background (right after the signal: [bold]{a.info()['kv_location']}[/])")
+    q4 = "Name a fruit that is yellow."
+    show("4. B works while A's tool runs", b, b.generate(q4, max_new_tokens=24), q4)
+    info = _settled(a)
+    console.print(f"   A's KV: [bold]{info['kv_location']}[/] ({_mib(info['kv_bytes'])}); "
+                  f"{_mib(client.stats()['memory']['kv_parked'])} of KV parked in host memory")
+    a.signal_phase("ACTIVE")    # the tool returned: bring the KV back ahead of the next request
+    q5 = "The tool says: Rome has 2.8 million people. Summarise that in one sentence."
+    show("5. A continues after its tool (ACTIVE)", a, a.generate(q5, max_new_tokens=40), q5)
+
     console.print()
     console.print(table)
     stats = client.stats()
@@ -74,6 +98,9 @@ def run_demo(config: Config, model: str | None = None) -> int:
     console.print(f"Weights loaded once for {stats['sessions']} sessions: {_mib(mem['weights'])}; "
                   f"KV on device {_mib(mem['kv_device'])}, KV parked in host memory {_mib(mem['kv_parked'])}; "
                   f"sessions by phase {stats['sessions_by_phase']}")
+    moved = stats["bytes_moved"]
+    console.print(f"Memory policy '{stats['policy']}': swaps {stats['swaps']['out']} out / {stats['swaps']['in']} in, "
+                  f"{_mib(moved['out'])} parked and {_mib(moved['in'])} restored in all")
     a.close()
     b.close()
     client.close()

@@ -1,5 +1,6 @@
 """The app in-process on a tiny random model: running out of KV evicts idle sessions, best victim
-first, instead of failing the request."""
+first, instead of failing the request: the engine parks them to host memory, and where the engine
+refuses (the ``resident`` policy never moves KV) the front end closes one."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from djinn.server.http import HttpConfig, create_app  # noqa: E402
 from tests.conftest import loaded  # noqa: E402
 
 
-@pytest.fixture()
-def app_client():
-    engine = Engine({"tiny": loaded("tiny-llama")}, EngineConfig(memory=MemoryConfig(kv_blocks=14)))
+@pytest.fixture(params=["resident"])
+def app_client(request):
+    engine = Engine({"tiny": loaded("tiny-llama")},
+                    EngineConfig(memory=MemoryConfig(kv_blocks=14, policy=request.param)))
     try:
         with TestClient(create_app(engine, HttpConfig())) as client:
             yield client, engine
@@ -41,6 +43,21 @@ def test_a_full_kv_pool_closes_the_least_recently_used_idle_session(app_client):
     live = {s["id"] for s in client.get("/v1/sessions", headers={"Authorization": "Bearer k"}).json()["data"]}
     assert ids[-1] in live and ids[0] not in live          # the oldest went first
     assert engine.stats()["kv_blocks"]["tiny"]["used"] <= 13
+
+
+@pytest.mark.parametrize("app_client", ["semantic"], indirect=True)
+def test_a_full_kv_pool_parks_the_least_recently_used_idle_session(app_client):
+    client, engine = app_client
+    ids = []
+    for i in range(5):
+        r = chat(client, f"conversation number {i}: " + "abcdefghij" * 4)
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["djinn"]["session_id"])
+    engine.residency.wait_idle()
+    live = {s["id"]: s for s in client.get("/v1/sessions", headers={"Authorization": "Bearer k"}).json()["data"]}
+    assert set(ids) <= set(live)                            # nothing was closed
+    assert live[ids[0]]["kv_location"] == "host"           # the oldest was parked
+    assert engine.stats()["kv_blocks"]["tiny"]["used"] <= 13 and engine.stats()["swaps"]["out"] >= 1
 
 
 def test_without_configured_keys_each_key_is_its_own_namespace(app_client):

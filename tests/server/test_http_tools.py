@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_tool_loop_keeps_the_session_across_the_tool_call(server):
     # KV parked in host memory under --policy semantic arrives with the memory module: once the
     # engine has a host tier, an IO_WAIT session's KV must be there.
     if 'djinn_kv_capacity_bytes{tier="host"} 0.0' not in stats_memory:
+        deadline = time.monotonic() + 10
+        while info["kv_location"] == "moving" and time.monotonic() < deadline:   # the park is asynchronous
+            time.sleep(0.01)
+            info = server.session(sid)
         assert info["kv_location"] == "host"
 
     msgs2 = msgs + [assistant_message(choice.message),

@@ -1,13 +1,15 @@
 """The engine: loaded models, server-resident sessions, and generation.
 
 Public methods are thread-safe: they run their work on the engine loop (one thread owns the
-device) and wait for it. Methods whose name starts with ``_`` run on the loop.
+device) and wait for it. Methods whose name starts with ``_`` run on the loop. The exception is
+``signal_phase``: it must return at once, so it runs on the caller's thread and goes straight to
+``engine.residency`` (which has its own lock) instead of queueing behind a running turn.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,12 +18,13 @@ from djinn.engine.cache import PagedCache
 from djinn.engine.chat import turn_text
 from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
+from djinn.engine.residency import Residency
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler
 from djinn.engine.session import Phase, Session
 from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
-from djinn.memory.budget import plan
+from djinn.memory.budget import plan, plan_host
 
 
 @dataclass
@@ -34,8 +37,9 @@ class _Turn:
     new_msgs: list[dict]
     cached: int               # the session's num_cached before the turn
     history_len: int          # len(session.tokens) before the turn
-    started: float
+    started: float            # when its compute started (after the memory it needed was ready)
     submitted: float
+    memory: dict = field(default_factory=dict)   # queue_ms, restore_ms, make_room_ms (engine.residency)
 
 
 class Engine:
@@ -47,6 +51,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
         self.loop = EngineLoop()
+        self.residency: Residency | None = None       # where each session's KV lives (first model's device)
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
@@ -65,7 +70,16 @@ class Engine:
         budget = plan(mem, loaded.device, weights + kv_taken)
         block_bytes = ModelRuntime.block_bytes_for(loaded, mem.block_size)
         blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, budget.kv_bytes // block_bytes)
-        self.runtimes[name] = ModelRuntime.build(name, loaded, mem.block_size, blocks, memory=mem)
+        rt = ModelRuntime.build(name, loaded, mem.block_size, blocks, memory=mem)
+        if self.residency is None:
+            self.residency = Residency(mem, loaded.device)
+        if mem.host_blocks is not None:
+            host_blocks = mem.host_blocks
+        else:
+            taken = sum(t.arena.target_bytes for t in self.residency.tiers.values())
+            host_blocks = plan_host(mem, rt.pool.total_bytes, taken) // rt.kv.block_bytes
+        self.residency.add_model(name, rt.pool, host_blocks)
+        self.runtimes[name] = rt
         self.budget = budget
 
     # ---- public, thread-safe ---------------------------------------------------------
@@ -80,7 +94,11 @@ class Engine:
         self.loop.call(self._close_session, session_id, owner)
 
     def signal_phase(self, session_id: str, phase: str, owner: str | None = None) -> None:
-        self.loop.call(self._signal_phase, session_id, phase, owner)
+        """``IO_WAIT`` / ``ACTIVE``. Returns at once; the copy it starts runs in the background."""
+        if phase not in (Phase.IO_WAIT.value, Phase.ACTIVE.value):
+            raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
+        s = self._session(session_id, owner)
+        self.residency.signal(s, Phase(phase))
 
     def truncate(self, session_id: str, length: int, owner: str | None = None) -> None:
         """Cut a session's history to its first ``length`` tokens, dropping their KV past that.
@@ -119,6 +137,8 @@ class Engine:
             self.loop.call(self._close_all)
         finally:
             self.loop.shutdown()
+            if self.residency is not None:
+                self.residency.close()
 
     # ---- loop side -------------------------------------------------------------------
     def runtime(self, model: str) -> ModelRuntime:
@@ -140,6 +160,7 @@ class Engine:
         if len(self.sessions) >= self.config.max_sessions:
             raise CapacityError(f"too many sessions ({self.config.max_sessions}); close some first")
         s = Session(model=model, owner=owner)
+        self.residency.register(s)
         self.sessions[s.id] = s
         return s.id
 
@@ -150,15 +171,6 @@ class Engine:
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
 
-    def _signal_phase(self, session_id: str, phase: str, owner: str | None) -> None:
-        s = self._session(session_id, owner)
-        if phase not in (Phase.IO_WAIT.value, Phase.ACTIVE.value):
-            raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
-        if s.phase is Phase.PAUSED:
-            raise InvalidRequest("the session is paused at a breakpoint: resume it before signalling a phase")
-        s.phase = Phase(phase)
-        s.touch()
-
     def _truncate(self, session_id: str, length: int, owner: str | None) -> None:
         s = self._session(session_id, owner)
         if s.phase is Phase.PAUSED:
@@ -168,11 +180,7 @@ class Engine:
         if length == len(s.tokens):
             return
         del s.tokens[length:]
-        s.num_cached = min(s.num_cached, length)
-        keep = self.runtime(s.model).kv.blocks_for(s.num_cached)
-        if len(s.block_table) > keep:
-            self.runtime(s.model).pool.release(s.block_table[keep:])
-            del s.block_table[keep:]
+        self.residency.truncate(s, length)      # KV past ``length``, wherever it is, is given back
         # the templated chat history no longer describes the tokens: later text turns start afresh
         s.messages = []
         s.ended_with_eos = False
@@ -183,15 +191,10 @@ class Engine:
             self._close_session(sid, self.sessions[sid].owner)
 
     def _free_kv(self, s: Session) -> None:
-        if s.block_table:
-            self.runtime(s.model).pool.release(s.block_table)
-        s.block_table = []
-        s.num_cached = 0
+        self.residency.release(s)
 
     def _ensure_blocks(self, s: Session, rt: ModelRuntime, tokens: int) -> None:
-        need = rt.kv.blocks_for(tokens) - len(s.block_table)
-        if need > 0:
-            s.block_table.extend(rt.pool.allocate(need))
+        self.residency.grow(s, tokens)    # a no-op after begin_turn reserved the turn's blocks
 
     def _prompt_tokens(self, s: Session, rt: ModelRuntime, req: GenerateRequest) -> tuple[list[int], list[dict]]:
         """Token ids this turn appends, and the chat messages it adds (if templated)."""
@@ -228,14 +231,19 @@ class Engine:
                 f"prompt too long: the session would hold {total_prompt} tokens, the model's context is "
                 f"{rt.max_context}; start a new session or shorten the prompt"
             )
-        turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), started, submitted)
+        # bring the KV back (restore or recompute) and reserve the whole turn's blocks up front
+        memory = self.residency.begin_turn(s, min(total_prompt + params.max_new_tokens, rt.max_context))
+        memory["queue_ms"] = (started - submitted) * 1e3
+        self._rebuild(s, rt, memory)
+        turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), time.perf_counter(), submitted, memory)
         s.tokens.extend(new)
         try:
             if wb_plan is None:
-                result = self._run_turn(s, rt, params, started, req)
+                result = self._run_turn(s, rt, params, turn.started, req)
             else:
                 result = self.whitebox.run_turn(turn, params, wb_plan)
                 if result.paused is not None:  # stopped at a breakpoint: resume() finishes the turn
+                    self.residency.pause_turn(s)   # idle while paused: its KV may be parked
                     return result
         except BaseException:
             self._rollback_turn(turn)
@@ -247,23 +255,53 @@ class Engine:
         s = turn.session
         del s.tokens[turn.history_len:]
         s.num_cached = min(s.num_cached, turn.cached)
+        self.residency.end_turn(s)
 
     def _complete_turn(self, turn: _Turn, result: GenerateResult) -> GenerateResult:
         s = turn.session
+        self.residency.end_turn(s)
         s.messages.extend(turn.new_msgs)
         if turn.new_msgs:
             s.messages.append({"role": "assistant", "content": result.text})
         s.turns += 1
         s.touch()
         result.prompt_tokens = len(turn.new_tokens)
-        result.cached_tokens = turn.cached
+        rebuilt = int(turn.memory.get("recomputed_tokens", 0))
+        result.cached_tokens = turn.cached - rebuilt        # a rebuilt prefix was computed, not reused
+        result.computed_tokens += rebuilt
+        if rebuilt:
+            result.timings["recompute_ms"] = turn.memory["recompute_ms"]
         result.session_id = s.id
-        result.timings["queue_ms"] = (turn.started - turn.submitted) * 1e3
-        result.timings.setdefault("restore_ms", 0.0)
+        result.timings["queue_ms"] = turn.memory.get("queue_ms", 0.0)
+        result.timings["restore_ms"] = turn.memory.get("restore_ms", 0.0)      # waiting for its KV: room + restore
+        result.timings["make_room_ms"] = turn.memory.get("make_room_ms", 0.0)  # of which: waiting for others' parks
         result.timings["total_ms"] = (time.perf_counter() - turn.submitted) * 1e3
         self.counters["turns"] += 1
         self.counters["tokens_generated"] += len(result.token_ids)
         return result
+
+    @torch.inference_mode()
+    def _rebuild(self, s: Session, rt: ModelRuntime, memory: dict | None = None) -> None:
+        """Recompute the KV of a dropped session's prefix (``tokens[:rebuild_to]``) with a plain
+        forward (no hooks), so the turn that follows sees exactly the state it had before the
+        drop. Called after ``begin_turn`` reserved the blocks; on failure the session stays
+        dropped and its turn is ended."""
+        n = s.rebuild_to
+        if n == 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            cache = PagedCache(rt.pool, s.block_table, 0, n)
+            rt.executor.forward(cache, torch.tensor([s.tokens[:n]], dtype=torch.long, device=rt.device))
+        except BaseException:
+            self.residency.end_turn(s)
+            raise
+        s.num_cached, s.rebuild_to = n, 0
+        s.tokens_computed += n
+        self.counters["tokens_computed"] += n
+        if memory is not None:
+            memory["recomputed_tokens"] = n
+            memory["recompute_ms"] = (time.perf_counter() - t0) * 1e3
 
     @torch.inference_mode()
     def _run_turn(self, s: Session, rt: ModelRuntime, params, started: float,
@@ -320,12 +358,15 @@ class Engine:
 
     def _describe(self, s: Session) -> dict:
         rt = self.runtime(s.model)
-        return {"session_id": s.id, "model": s.model, "phase": s.phase.value, "tokens": len(s.tokens),
-                "kv_tokens": s.num_cached, "kv_blocks": len(s.block_table), "kv_location": "device" if s.block_table else "none",
-                "kv_bytes": len(s.block_table) * rt.kv.block_bytes, "turns": s.turns}
+        with self.residency.lock:
+            blocks = max(len(s.block_table), len(s.host_table))
+            return {"session_id": s.id, "model": s.model, "phase": s.phase.value, "tokens": len(s.tokens),
+                    "kv_tokens": s.num_cached, "kv_blocks": blocks, "kv_location": self.residency.location(s),
+                    "kv_bytes": blocks * rt.kv.block_bytes, "turns": s.turns}
 
     def _stats(self) -> dict:
         weights = {n: rt.loaded.weight_bytes() for n, rt in self.runtimes.items()}
+        mem = self.residency.stats() if self.residency is not None else {}
         kv_used = sum(rt.pool.used_bytes for rt in self.runtimes.values())
         kv_total = sum(rt.pool.total_bytes for rt in self.runtimes.values())
         phases: dict[str, int] = {}
@@ -333,9 +374,16 @@ class Engine:
             phases[s.phase.value] = phases.get(s.phase.value, 0) + 1
         return {
             "device": str(next(iter(self.runtimes.values())).device),
+            "policy": mem.get("policy"),
             "memory": {"weights": sum(weights.values()), "weights_by_model": weights, "kv_device": kv_used,
-                       "kv_device_capacity": kv_total, "kv_parked": 0, "tensors": self.whitebox.store.total_bytes},
+                       "kv_device_capacity": kv_total, "kv_parked": mem.get("kv_parked", 0),
+                       **{k: mem[k] for k in ("kv_moving", "kv_device_high_water", "kv_host_capacity",
+                                              "kv_host_target", "host_arena_ready") if k in mem},
+                       "tensors": self.whitebox.store.total_bytes},
             "sessions": len(self.sessions), "sessions_by_phase": phases,
+            "sessions_by_kv_location": mem.get("sessions_by_kv_location", {}),
+            "swaps": mem.get("swaps", {}), "bytes_moved": mem.get("bytes_moved", {}),
+            "bandwidth_gbps": mem.get("bandwidth_gbps", {}),
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
             "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},

@@ -3,6 +3,14 @@
 Invariant: the KV of ``tokens[:num_cached]`` is stored in ``block_table`` (in order, one block
 per ``block_size`` tokens); the tokens after ``num_cached`` (at most the last sampled one,
 between turns) have not been through the model yet.
+
+Where that KV is (``kv_state``) is managed by ``engine.residency``: on the device in
+``block_table``; parked in host blocks ``host_table``; moving; or dropped (``num_cached == 0``,
+``block_table`` empty, ``rebuild_to`` = the old ``num_cached``: before its next forward the
+engine recomputes that prefix from ``tokens``, which are always kept, with no hooks).
+A restore puts the KV back into ``block_table`` *in place* (the same list object, possibly other
+physical blocks) and increments ``kv_epoch``: anything that captured block ids (a paused
+forward's ``PagedCache``) must rebuild itself when ``kv_epoch`` changed.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field
+
+from djinn.memory.policy import KVState
 
 
 class Phase(str, enum.Enum):
@@ -35,6 +45,17 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     turns: int = 0
     tokens_computed: int = 0                              # tokens that went through the model, all turns
+    # -- residency (engine.residency owns these; read them under its lock) --
+    kv_state: KVState = KVState.DEVICE
+    host_table: list[int] = field(default_factory=list)   # host arena blocks while parked
+    kv_epoch: int = 0                                     # bumped whenever block_table's blocks change place
+    busy: bool = False                                    # a turn is running: never moved meanwhile
+    phase_since: float = field(default_factory=time.monotonic)
+    wait_ema: float | None = None                         # typical IO_WAIT duration of this session (s)
+    move: object = field(default=None, repr=False)        # the copy in flight, if any
+    prefetch_wanted: bool = False                         # ACTIVE came while the device had no room yet
+    rebuild_to: int = 0                                   # dropped: tokens[:rebuild_to] had KV; recompute them first
+    kv_ready: object = field(default=None, repr=False)    # CUDA event: the last compute that wrote its KV
 
     @property
     def closed(self) -> bool:

@@ -89,24 +89,27 @@ class WhiteBox:
             breakpoint = _check_layer(breakpoint, L, "breakpoint")
         ids = self._input_ids(s, rt, input_ids)
         plan = self._plan(rt, interventions, [])
-        start = s.num_cached
-        pending = s.tokens[start:] + ids   # a previous generate's last sampled token is computed first
-        total = start + len(pending)
+        total = len(s.tokens) + len(ids)
         if total >= rt.max_context:
             raise InvalidRequest(f"input too long: the session would hold {total} tokens, the model's context is "
                                  f"{rt.max_context}")
-        act_bytes = len(pending) * rt.loaded.config.hidden_size * rt.kv.dtype.itemsize
-        self.store.check_room(s.id, len(pending) * rt.loaded.config.vocab_size * 4 + act_bytes)
+        eng.residency.begin_turn(s, total, activate=False)   # its KV back on the device ...
+        eng._rebuild(s, rt)                  # ... or, if it was dropped, recomputed without hooks
+        start = s.num_cached
+        pending = s.tokens[start:] + ids   # a previous generate's last sampled token is computed first
         blocks_before = len(s.block_table)
-        eng._ensure_blocks(s, rt, total)
         try:
+            act_bytes = len(pending) * rt.loaded.config.hidden_size * rt.kv.dtype.itemsize
+            self.store.check_room(s.id, len(pending) * rt.loaded.config.vocab_size * 4 + act_bytes)
             cache = PagedCache(rt.pool, s.block_table, start, len(pending))
             st = rt.executor.begin(cache, torch.tensor([pending], dtype=torch.long, device=rt.device))
             hook = plan.hook(start, len(pending))
             rt.executor.run_layers(st, until=breakpoint, hook=hook)
             if breakpoint is None:
                 return {"logits": self._complete_forward(s, rt, st, ids)}
-            return {"paused": self.pause(s, st, hook, breakpoint, 0, new_tokens=ids, blocks_before=blocks_before)}
+            ref = self.pause(s, st, hook, breakpoint, 0, new_tokens=ids, blocks_before=blocks_before)
+            eng.residency.pause_turn(s)   # idle while paused: its KV may be parked
+            return {"paused": ref}
         except BaseException:
             self._trim_blocks(s, rt, blocks_before)
             raise
@@ -118,6 +121,7 @@ class WhiteBox:
         s.num_cached += st.num_tokens
         s.tokens_computed += st.num_tokens
         self.engine.counters["tokens_computed"] += st.num_tokens
+        self.engine.residency.end_turn(s)
         s.touch()
         return ref
 
@@ -144,6 +148,7 @@ class WhiteBox:
         act = self.store.get(p.activation_id, s.id)
         replaced = activation is not None
         h = self._replacement(activation, tensors, act, s) if replaced else act
+        eng.residency.resume_turn(s)     # its KV back on the device if it was parked while paused
         # from here the paused forward is consumed, whatever happens
         self._finish(p, "resumed")
         s.phase = p.prev_phase
@@ -296,7 +301,6 @@ class WhiteBox:
             self._finished.popitem(last=False)
 
     def _trim_blocks(self, s: Session, rt: "ModelRuntime", keep: int) -> None:
-        """Give back blocks a failed forward allocated (memory returns to where it was)."""
-        if len(s.block_table) > keep:
-            rt.pool.release(s.block_table[keep:])
-            del s.block_table[keep:]
+        """Give back blocks a failed forward allocated (memory returns to where it was): the
+        residency keeps the blocks of the cached tokens and ends the session's turn."""
+        self.engine.residency.end_turn(s)

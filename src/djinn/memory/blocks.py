@@ -49,7 +49,7 @@ class KVShape:
 
 
 class BlockPool:
-    """Fixed-size pool of KV blocks on one device (or in pinned host memory)."""
+    """Fixed-size pool of KV blocks on one device (parked KV lives in ``memory.host.HostArena``)."""
 
     NULL_BLOCK = 0
 
@@ -66,6 +66,7 @@ class BlockPool:
         self.kv = torch.zeros(dims, dtype=shape.dtype, device=self.device, pin_memory=pin_memory)
         self._free: deque[int] = deque(range(1, num_blocks))
         self._refs = [0] * num_blocks
+        self.high_water = 0            # the most blocks ever held at once (checked by the memory tests)
 
     # ---- accounting -------------------------------------------------------------------
     @property
@@ -102,6 +103,7 @@ class BlockPool:
         out = [self._free.popleft() for _ in range(n)]
         for b in out:
             self._refs[b] = 1
+        self.high_water = max(self.high_water, self.used_count)
         return out
 
     def share(self, blocks: list[int]) -> None:
@@ -121,6 +123,10 @@ class BlockPool:
                 self._free.append(b)
 
     # ---- views ------------------------------------------------------------------------
+    def run_view(self, first: int, n: int) -> torch.Tensor:
+        """``[n, layers, 2, block_size, kv_heads, head_dim]`` view of blocks ``first .. first+n-1``."""
+        return self.kv[first:first + n]
+
     def layer_view(self, layer: int, kv: int) -> torch.Tensor:
         """``[num_blocks, block_size, kv_heads, head_dim]`` view of K (kv=0) or V (kv=1)."""
         return self.kv[:, layer, kv]

@@ -1,8 +1,13 @@
-"""How much memory each part gets: weights, the device KV pool, workspace.
+"""How much memory each part gets: weights, the device KV pool, workspace, the host arena.
 
 The device budget (``--gpu-memory``) covers weights + KV + workspace. Weights are loaded first;
 what is left, less a workspace share for activations, becomes the KV pool, allocated once.
 On CPU "device" is RAM; the default there is a modest pool so tests and the demo stay small.
+
+The host budget (``--host-memory``) is pinned host memory for parked KV, shared by the models'
+arenas in the order they load. By default each model gets ``DEFAULT_HOST_FACTOR`` times its
+device KV pool, never more than half of the machine's RAM in all (pinned memory cannot be
+swapped out, so taking all of it would starve the rest of the machine).
 
 A streamed model (djinn.memory.streaming) costs the device only its resident parts plus its
 ring of slots; ``should_offload`` decides when a model must be streamed, ``stream_slots`` and
@@ -11,6 +16,7 @@ ring of slots; ``should_offload`` decides when a model must be streamed, ``strea
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,17 @@ from djinn.errors import CapacityError, InvalidRequest
 
 CPU_DEFAULT_KV_BYTES = 1 << 30          # 1 GiB of KV on CPU unless told otherwise
 MIN_WORKSPACE_BYTES = 256 << 20
+DEFAULT_HOST_FACTOR = 4                 # default host arena: 4x the device KV pool ...
+DEFAULT_HOST_RAM_SHARE = 0.5            # ... capped at half of the machine's RAM
+
+
+def host_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
 # Weight streaming defaults, from the slot x chunk sweep of `djinn bench stream` on the H100
 # (benchmarks/results/stream.md). Prefill ran at 98-99% of the link from 2 slots on. Decode in
 # fresh engines: llama2-7b at 80-89% of the link with 3-4 slots and 89-99% with 6; llama2-13b at
@@ -64,6 +81,19 @@ def plan(mem: MemoryConfig, device: torch.device, weight_bytes: int) -> Budget:
             f"or (when streaming weights) lower --stream-slots"
         )
     return Budget(device_bytes=budget, kv_bytes=kv)
+
+
+def plan_host(mem: MemoryConfig, kv_pool_bytes: int, taken_bytes: int) -> int:
+    """Bytes of host arena for one model whose device KV pool is ``kv_pool_bytes``;
+    ``taken_bytes``: what the arenas of models loaded earlier already hold."""
+    ram = host_ram_bytes()
+    given = parse_size(mem.host_memory, ram)
+    if given is not None:
+        return max(given - taken_bytes, 0)
+    budget = DEFAULT_HOST_FACTOR * kv_pool_bytes
+    if ram is not None:
+        budget = min(budget, int(ram * DEFAULT_HOST_RAM_SHARE) - taken_bytes)
+    return max(budget, 0)
 
 
 def device_budget(mem: MemoryConfig, device: torch.device) -> int | None:

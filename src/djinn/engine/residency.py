@@ -1,0 +1,553 @@
+"""Where each session's KV lives, and the moves between the device pool and the host arena.
+
+Sequences what the policy decides (``memory.policy``), what the pool and the arena account
+(``memory.blocks``, ``memory.host``) and what the pager copies (``memory.pager``)::
+
+    DEVICE --park--> PARKING --copy done--> PARKED --restore--> RESTORING --copy done--> DEVICE
+    DEVICE | PARKED --drop--> DROPPED --the next turn recomputes it from the tokens--> DEVICE
+    PARKING --ACTIVE / a request--> DEVICE      (the device copy is still intact: no restore)
+    RESTORING --IO_WAIT--> PARKED              (the host copy is still intact)
+
+Invariants, all under ``self.lock``:
+- a block is freed only when no copy reads or writes it any more: a park frees its device
+  blocks, a restore its host blocks, after the copy's event completed (``_reap``); a cancelled
+  move frees its *destination* then, and its source stays with the session;
+- a session that is ``busy`` (its turn is running) is never moved; a phase signal that arrives
+  meanwhile takes effect when the turn ends;
+- a restore refills ``session.block_table`` in place and bumps ``session.kv_epoch``;
+- nothing here blocks while holding the lock: waiting for a copy happens outside it.
+
+Threads: the engine loop (turns, open, close), callers of ``signal`` (``signal_phase`` must return
+at once, so it does not queue behind a running turn on the loop), the pager's copy threads or
+streams, and the host arena's grower. Blocks are freed only when no queued GPU work uses them:
+the loop waits for every step's sampled token, and parks free their source after their event.
+
+The API a step scheduler needs is ``make_room(model, blocks, protect)``, ``ensure_resident(s)``
+and ``grow(s, tokens)``; the one-request-at-a-time loop calls them through ``begin_turn``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from djinn.config import MemoryConfig
+from djinn.engine.session import Phase, Session
+from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
+from djinn.memory.blocks import BlockPool
+from djinn.memory.host import HostArena
+from djinn.memory.pager import IN, OUT, Pager, Transfer
+from djinn.memory.policy import Action, Candidate, KVState, make_policy
+
+WAIT_EMA_WEIGHT = 0.5        # weight of the newest IO_WAIT duration in a session's typical wait
+
+
+@dataclass
+class _Tier:
+    """One model's two tiers and its sessions."""
+
+    pool: BlockPool
+    arena: HostArena
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Move:
+    session: Session
+    model: str
+    kind: str                    # OUT (park) | IN (restore)
+    device_blocks: list[int]
+    host_blocks: list[int]
+    transfer: Transfer
+    cancelled: bool = False      # the session no longer wants the result
+
+
+class Residency:
+    def __init__(self, config: MemoryConfig, device: torch.device):
+        self.config = config
+        self.device = torch.device(device)
+        self.policy = make_policy(config.policy)
+        self.pager = Pager(self.device)
+        self.lock = threading.RLock()
+        self.tiers: dict[str, _Tier] = {}
+        self.moves: list[_Move] = []
+        self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
+        self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0}
+
+    # ---- set-up -----------------------------------------------------------------------
+    def add_model(self, name: str, pool: BlockPool, host_blocks: int) -> HostArena:
+        pin = pool.device.type == "cuda"
+        arena = HostArena(pool.shape, host_blocks, pin=pin, chunk_bytes=self.config.host_chunk_bytes)
+        with self.lock:
+            self.tiers[name] = _Tier(pool, arena)
+        return arena
+
+    def register(self, s: Session) -> None:
+        with self.lock:
+            self.tiers[s.model].sessions[s.id] = s
+
+    def release(self, s: Session) -> None:
+        """Forget a closing session and free all it holds (a copy in flight frees its
+        destination when it completes)."""
+        with self.lock:
+            tier = self.tiers[s.model]
+            self._cancel(s)
+            if s.block_table:
+                tier.pool.release(s.block_table)
+            if s.host_table:
+                tier.arena.release(s.host_table)
+            s.block_table.clear()
+            s.host_table.clear()
+            s.num_cached = 0
+            s.rebuild_to = 0
+            s.kv_state = KVState.DEVICE
+            tier.sessions.pop(s.id, None)
+
+    def truncate(self, s: Session, length: int) -> None:
+        """Keep only the KV of the first ``length`` tokens, wherever it is (a copy in flight is
+        called off first: its source is intact)."""
+        with self.lock:
+            tier = self.tiers[s.model]
+            self._cancel(s)
+            s.num_cached = min(s.num_cached, length)
+            s.rebuild_to = min(s.rebuild_to, length)
+            keep = tier.pool.shape.blocks_for(s.num_cached)
+            for table, owner in ((s.block_table, tier.pool), (s.host_table, tier.arena)):
+                if len(table) > keep:
+                    owner.release(table[keep:])
+                    del table[keep:]
+
+    # ---- where ------------------------------------------------------------------------
+    def location(self, s: Session) -> str:
+        """``device`` | ``host`` | ``moving`` | ``dropped`` | ``none`` (no KV yet)."""
+        with self.lock:
+            self._reap()                        # copies that finished show where they landed
+            st = s.kv_state
+            if st in (KVState.PARKING, KVState.RESTORING):
+                return "moving"
+            if st is KVState.PARKED:
+                return "host"
+            if st is KVState.DROPPED:
+                return "dropped"
+            if s.block_table:
+                return "device"
+            return "dropped" if s.tokens else "none"
+
+    # ---- signals (any thread) ---------------------------------------------------------
+    def signal(self, s: Session, phase: Phase) -> None:
+        """Record the phase and start whatever copy the policy wants; returns at once."""
+        with self.lock:
+            if s.id not in self.tiers[s.model].sessions or s.closed:
+                raise SessionNotFound(f"no session {s.id!r}: it was closed")
+            if s.phase is Phase.PAUSED:
+                raise InvalidRequest("the session is paused at a breakpoint: resume it before signalling a phase")
+            self._set_phase(s, phase)
+            if not s.busy:
+                self._apply_signal(s)
+                self._start_wanted_prefetches()
+
+    def _set_phase(self, s: Session, phase: Phase) -> None:
+        now = time.monotonic()
+        if s.phase is Phase.IO_WAIT and phase is not Phase.IO_WAIT:
+            waited = now - s.phase_since
+            s.wait_ema = waited if s.wait_ema is None else (
+                WAIT_EMA_WEIGHT * waited + (1 - WAIT_EMA_WEIGHT) * s.wait_ema)
+        if phase is not s.phase:
+            s.phase_since = now
+        s.phase = phase
+        if phase is not Phase.ACTIVE:
+            s.prefetch_wanted = False
+
+    def _apply_signal(self, s: Session) -> None:
+        action = self.policy.on_signal(self._candidate(s))
+        if action is Action.PARK:
+            self._park(s, allow_drop=False)
+        elif action is Action.DROP:
+            self._drop(s)
+        elif action is Action.PREFETCH:
+            self._prefetch(s)
+
+    # ---- turns (engine loop) ----------------------------------------------------------
+    def begin_turn(self, s: Session, tokens: int, activate: bool = True) -> dict:
+        """Mark ``s`` busy, bring its KV to the device and reserve blocks for ``tokens`` tokens.
+        ``activate``: a generate request means the client is back, so an ``IO_WAIT`` session
+        becomes ``ACTIVE``; a white-box forward leaves the phase as it was.
+
+        Returns the memory timings of the turn. On error the session is left as it was (not
+        busy; its KV wherever it was) and the error is a ``CapacityError``.
+        """
+        with self.lock:
+            if s.busy:
+                raise InvalidRequest("a turn is already running on this session")
+            s.busy = True
+            if activate and s.phase is Phase.IO_WAIT:
+                self._set_phase(s, Phase.ACTIVE)
+        t0 = time.perf_counter()
+        try:
+            source, room_s = self.ensure_resident(s)
+            room_s += self.grow(s, tokens)
+        except BaseException:
+            with self.lock:
+                s.busy = False
+            raise
+        return {"restore_ms": (time.perf_counter() - t0) * 1e3, "make_room_ms": room_s * 1e3, "kv_from": source}
+
+    def end_turn(self, s: Session) -> None:
+        """The turn ended (well or not): return blocks beyond the cached tokens, record the compute
+        the next park must wait for, and apply a phase signal that came meanwhile."""
+        with self.lock:
+            tier = self.tiers.get(s.model)
+            s.busy = False
+            s.touch()
+            if tier is None or s.id not in tier.sessions:
+                return
+            keep = tier.pool.shape.blocks_for(s.num_cached)
+            if len(s.block_table) > keep:
+                extra = s.block_table[keep:]
+                del s.block_table[keep:]
+                tier.pool.release(extra)
+            if self.pager.cuda:
+                s.kv_ready = torch.cuda.current_stream(self.device).record_event()
+            self._reap()
+            if s.phase is not Phase.ACTIVE:
+                self._apply_signal(s)
+            self._start_wanted_prefetches()
+
+    def pause_turn(self, s: Session) -> None:
+        """The turn stopped at a breakpoint (white-box): the session is idle until resumed, so
+        its KV may be parked meanwhile; it keeps every block its in-flight forward uses (they
+        move with it). ``resume_turn`` brings them back before the forward continues."""
+        with self.lock:
+            s.busy = False
+            s.touch()
+            if self.pager.cuda:
+                s.kv_ready = torch.cuda.current_stream(self.device).record_event()
+
+    def resume_turn(self, s: Session) -> float:
+        """Mark a paused session busy again and bring its KV back (in place: a paused forward's
+        ``PagedCache`` must then ``rebind`` to ``s.block_table``). Returns the seconds waited."""
+        with self.lock:
+            if s.busy:
+                raise InvalidRequest("a turn is already running on this session")
+            s.busy = True
+        t0 = time.perf_counter()
+        try:
+            self.ensure_resident(s)
+        except BaseException:
+            with self.lock:
+                s.busy = False
+            raise
+        return time.perf_counter() - t0
+
+    # ---- the step-scheduler API -------------------------------------------------------
+    def ensure_resident(self, s: Session) -> tuple[str, float]:
+        """Bring ``s``'s KV to the device, waiting only for its own restore (and for room it
+        needs). Returns where the KV came from (``device`` | ``host`` | ``recompute``) and the
+        seconds spent waiting for room."""
+        source, room_s = "device", 0.0
+        while True:
+            for_room = False
+            with self.lock:
+                self._reap()
+                st = s.kv_state
+                if st is KVState.DEVICE:
+                    return source, room_s
+                if st is KVState.DROPPED:
+                    s.kv_state = KVState.DEVICE
+                    self.counters["recomputed"] += 1
+                    return "recompute", room_s
+                if st is KVState.PARKING:
+                    self._cancel(s)            # the device blocks are intact: nothing to copy back
+                    return source, room_s
+                source = "host"
+                if st is KVState.PARKED:
+                    waiter = self._room(s.model, len(s.host_table), {s.id})
+                    if waiter is None:
+                        self._start_restore(s)
+                        waiter = s.move.transfer
+                    else:
+                        for_room = True
+                else:  # RESTORING
+                    waiter = s.move.transfer
+            t = time.perf_counter()
+            waiter.wait()
+            if for_room:
+                room_s += time.perf_counter() - t
+
+    def grow(self, s: Session, tokens: int) -> float:
+        """Give ``s`` blocks for ``tokens`` tokens, evicting idle sessions if needed. Returns the
+        seconds spent waiting for room."""
+        waited = 0.0
+        while True:
+            with self.lock:
+                tier = self.tiers[s.model]
+                need = tier.pool.shape.blocks_for(tokens) - len(s.block_table)
+                if need <= 0:
+                    return waited
+                waiter = self._room(s.model, need, {s.id})
+                if waiter is None:
+                    s.block_table.extend(tier.pool.allocate(need))
+                    return waited
+            t = time.perf_counter()
+            waiter.wait()
+            waited += time.perf_counter() - t
+
+    def make_room(self, model: str, blocks: int, protect: set[str] = frozenset(), wait: bool = True) -> None:
+        """Make ``blocks`` device blocks of ``model`` free, evicting idle sessions not in
+        ``protect`` as the policy orders. Raises CapacityError (evicting nothing) if that cannot
+        be done; with ``wait=False`` only starts the copies."""
+        while True:
+            with self.lock:
+                waiter = self._room(model, blocks, set(protect))
+            if waiter is None or not wait:
+                return
+            waiter.wait()
+
+    def wait_idle(self, s: Session | None = None, timeout: float | None = None) -> None:
+        """Wait until ``s``'s copy (or every copy) finished and was accounted for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.lock:
+                self._reap()
+                self._start_wanted_prefetches()
+                pending = [m for m in self.moves if s is None or m.session is s]
+                if not pending:
+                    return
+                tr = pending[0].transfer
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("copies still in flight")
+            tr.wait()
+
+    # ---- the moves (under the lock) ---------------------------------------------------
+    def _candidate(self, s: Session) -> Candidate:
+        pool = self.tiers[s.model].pool
+        expected = None
+        if s.phase is Phase.IO_WAIT and s.wait_ema is not None:
+            expected = s.wait_ema - (time.monotonic() - s.phase_since)
+        return Candidate(id=s.id, phase=s.phase.value, state=s.kv_state, blocks=len(s.block_table),
+                         reclaimable=sum(1 for b in s.block_table if pool.refcount(b) == 1),
+                         idle_since=s.last_used, expected_back_s=expected)
+
+    def _room(self, model: str, need: int, protect: set[str]) -> Transfer | None:
+        """Start what makes ``need`` blocks free. None if they are free now, else a copy to wait
+        for before asking again. Raises CapacityError, having evicted nothing, if impossible."""
+        tier = self.tiers[model]
+        pool = tier.pool
+        self._reap()
+        if pool.free_count >= need:
+            return None
+        if need > pool.capacity:
+            raise CapacityError(
+                f"this request needs {need} KV blocks ({need * pool.shape.block_bytes / 2**20:.1f} MiB) but the "
+                f"device KV pool of model {model!r} holds {pool.capacity} in all: use a shorter prompt or fewer "
+                "new tokens, or raise --gpu-memory")
+        incoming = self._incoming(model)
+        short = need - pool.free_count - incoming
+        if short > 0:
+            cands = [self._candidate(x) for x in tier.sessions.values()
+                     if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
+            plan = self.policy.victims(cands, short, tier.arena.free_count)
+            if plan is None and self.policy.moves_kv:
+                # sessions being restored (prefetched) become evictable when their copy lands
+                restoring = [m for m in self.moves if m.model == model and m.kind == IN and not m.cancelled
+                             and m.session.id not in protect and not m.session.busy]
+                if restoring and sum(c.reclaimable for c in cands) + sum(len(m.device_blocks) for m in restoring) >= short:
+                    return restoring[0].transfer
+            if plan is None:
+                raise CapacityError(
+                    f"no room for {need} KV blocks on {pool.device}: {pool.free_count} free, "
+                    f"{pool.capacity - pool.free_count} held by sessions that "
+                    + ("the 'resident' policy never moves" if not self.policy.moves_kv else "cannot be moved now")
+                    + "; retry later, close sessions, or raise --gpu-memory")
+            for sid, action in plan:
+                victim = tier.sessions[sid]
+                if action is Action.PARK:
+                    self._park(victim, allow_drop=True)
+                else:
+                    self._drop(victim)
+        if pool.free_count >= need:
+            return None
+        for m in self.moves:
+            if m.model == model and ((m.kind == OUT and not m.cancelled) or (m.kind == IN and m.cancelled)):
+                return m.transfer
+        raise CapacityError(f"no room for {need} KV blocks on {pool.device} and nothing is being freed")  # pragma: no cover
+
+    def _incoming(self, model: str) -> int:
+        """Device blocks that copies in flight will free when they complete."""
+        pool = self.tiers[model].pool
+        n = 0
+        for m in self.moves:
+            if m.model != model:
+                continue
+            if m.kind == OUT and not m.cancelled:
+                n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
+            elif m.kind == IN and m.cancelled:
+                n += len(m.device_blocks)
+        return n
+
+    def _park(self, s: Session, allow_drop: bool) -> None:
+        if s.kv_state is KVState.RESTORING:
+            self._cancel(s)                    # back to PARKED: the host copy is intact
+            return
+        if s.kv_state is not KVState.DEVICE or not s.block_table or s.busy:
+            return
+        tier = self.tiers[s.model]
+        n = len(s.block_table)
+        if tier.arena.free_count < n:
+            if allow_drop:
+                self._drop(s)                  # no room on either tier: recompute later
+            return
+        host = tier.arena.allocate(n)
+        tr = self.pager.park(tier.pool, s.block_table, tier.arena, host, after=s.kv_ready)
+        s.move = _Move(s, s.model, OUT, list(s.block_table), host, tr)
+        self.moves.append(s.move)
+        s.kv_state = KVState.PARKING
+
+    def _start_restore(self, s: Session) -> None:
+        tier = self.tiers[s.model]
+        dev = tier.pool.allocate(len(s.host_table))
+        tr = self.pager.restore(tier.arena, s.host_table, tier.pool, dev)
+        s.move = _Move(s, s.model, IN, dev, list(s.host_table), tr)
+        self.moves.append(s.move)
+        s.kv_state = KVState.RESTORING
+        s.prefetch_wanted = False
+
+    def _prefetch(self, s: Session) -> None:
+        """Start bringing ``s`` back without waiting for anything."""
+        if s.kv_state is KVState.PARKING:
+            self._cancel(s)
+            return
+        if s.kv_state is not KVState.PARKED:
+            return
+        try:
+            waiter = self._room(s.model, len(s.host_table), {s.id})
+        except CapacityError:
+            waiter = True                       # no room now: the request will try again
+        if waiter is None:
+            self._start_restore(s)
+        else:
+            s.prefetch_wanted = True
+            self._wanted[s.id] = s
+
+    def _drop(self, s: Session) -> None:
+        if s.busy or s.phase is Phase.PAUSED:   # a paused forward's KV cannot be recomputed
+            return
+        self._cancel(s)
+        tier = self.tiers[s.model]
+        if not s.block_table and not s.host_table and s.num_cached == 0:
+            return
+        if s.block_table:
+            tier.pool.release(s.block_table)
+        if s.host_table:
+            tier.arena.release(s.host_table)
+        s.block_table.clear()
+        s.host_table.clear()
+        if s.num_cached:
+            s.rebuild_to = s.num_cached       # the engine recomputes this prefix before the next forward
+        s.num_cached = 0
+        s.kv_epoch += 1
+        s.kv_state = KVState.DROPPED
+        s.prefetch_wanted = False
+        self.counters["dropped"] += 1
+
+    def _cancel(self, s: Session) -> None:
+        """Give up ``s``'s copy in flight: it keeps its source; the destination is freed when the
+        copy completes."""
+        m = s.move
+        if m is None:
+            return
+        m.cancelled = True
+        s.move = None
+        s.kv_state = KVState.DEVICE if m.kind == OUT else KVState.PARKED
+        self.counters["cancelled"] += 1
+
+    def _reap(self) -> None:
+        """Settle every finished copy: free its source (or, if cancelled, its destination)."""
+        if not self.moves:
+            return
+        still = []
+        for m in self.moves:
+            if not m.transfer.done():
+                still.append(m)
+                continue
+            self.pager.account(m.transfer)
+            tier = self.tiers[m.model]
+            s = m.session
+            if m.transfer.error is not None and not m.cancelled:
+                self._cancel(s)                # a failed copy: the source is still valid, keep it
+            if m.cancelled:
+                if m.kind == OUT:
+                    tier.arena.release(m.host_blocks)
+                else:
+                    tier.pool.release(m.device_blocks)
+                continue
+            s.move = None
+            if m.kind == OUT:
+                tier.pool.release(m.device_blocks)
+                s.block_table.clear()
+                s.host_table[:] = m.host_blocks
+                s.kv_state = KVState.PARKED
+                self.counters["parked"] += 1
+            else:
+                tier.arena.release(m.host_blocks)
+                s.host_table.clear()
+                s.block_table[:] = m.device_blocks       # in place: the same list object
+                s.kv_state = KVState.DEVICE
+                self.counters["restored"] += 1
+            s.kv_epoch += 1
+        self.moves = still
+
+    def _start_wanted_prefetches(self) -> None:
+        for sid, s in list(self._wanted.items()):
+            tier = self.tiers[s.model]
+            if not s.prefetch_wanted or s.kv_state is not KVState.PARKED or sid not in tier.sessions:
+                s.prefetch_wanted = False
+                del self._wanted[sid]
+            elif not s.busy and tier.pool.free_count >= len(s.host_table):
+                del self._wanted[sid]
+                self._start_restore(s)
+
+    # ---- accounting -------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self.lock:
+            self._reap()
+            self._start_wanted_prefetches()
+            where: dict[str, int] = {}
+            moving = 0
+            for tier in self.tiers.values():
+                for s in tier.sessions.values():
+                    loc = self.location(s)
+                    where[loc] = where.get(loc, 0) + 1
+            for m in self.moves:
+                if not m.cancelled:
+                    moving += m.transfer.nbytes
+            copies = self.pager.stats()
+            return {
+                "policy": self.policy.name,
+                "kv_device": sum(t.pool.used_bytes for t in self.tiers.values()),
+                "kv_device_capacity": sum(t.pool.capacity * t.pool.shape.block_bytes for t in self.tiers.values()),
+                "kv_device_high_water": sum(t.pool.high_water * t.pool.shape.block_bytes for t in self.tiers.values()),
+                "kv_parked": sum(t.arena.used_bytes for t in self.tiers.values()),
+                "kv_host_capacity": sum(t.arena.total_bytes for t in self.tiers.values()),
+                "kv_host_target": sum(t.arena.target_bytes for t in self.tiers.values()),
+                "host_arena_ready": all(t.arena.ready for t in self.tiers.values()),
+                "kv_moving": moving,
+                "sessions_by_kv_location": where,
+                "swaps": {"out": self.counters["parked"], "in": self.counters["restored"],
+                          "dropped": self.counters["dropped"], "recomputed": self.counters["recomputed"],
+                          "cancelled": self.counters["cancelled"]},
+                "bytes_moved": {"out": copies[OUT]["bytes"], "in": copies[IN]["bytes"]},
+                "bandwidth_gbps": {"out": copies[OUT]["gbps"], "in": copies[IN]["gbps"]},
+            }
+
+    def close(self) -> None:
+        try:
+            self.wait_idle(timeout=60)
+        except TimeoutError:  # pragma: no cover
+            pass
+        self.pager.close()
+        for tier in self.tiers.values():
+            tier.arena.close()

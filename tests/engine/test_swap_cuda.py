@@ -1,0 +1,77 @@
+"""Parking and restoring on CUDA (pinned host arena, copy streams, events): the tokens of a
+session that was moved 20 times, or dropped and rebuilt, equal transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn.engine import GenerateRequest
+
+from tests.conftest import loaded, requires_cuda
+from tests.engine.test_generate import greedy, hf_greedy
+from tests.engine.test_swap import _agents, engine, prompts
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_twenty_parks_and_restores_change_no_token(dtype):
+    lm = loaded("tiny-llama", device="cuda", dtype=dtype)
+    eng = engine(lm)
+    try:
+        assert eng.residency.tiers["m"].arena.run_view(0, 1).is_pinned()
+        sid = eng.open_session("m")
+        history: list[int] = []
+        for turn, prompt in enumerate(prompts(1, 21)):
+            out = eng.generate(sid, GenerateRequest(prompt, greedy(6)))
+            history += prompt
+            assert out.token_ids == hf_greedy(lm.model, history, 6), f"turn {turn}"
+            history += out.token_ids
+            if turn < 20:
+                eng.signal_phase(sid, "IO_WAIT")
+                if turn % 3 == 0:      # a request right behind the signal: the park is cancelled or undone
+                    continue
+                eng.residency.wait_idle()
+                assert eng.session_info(sid)["kv_location"] == "host"
+                if turn % 2 == 0:
+                    eng.signal_phase(sid, "ACTIVE")
+        stats = eng.stats()
+        assert stats["swaps"]["out"] >= 13 and stats["swaps"]["in"] >= 13
+        assert stats["bandwidth_gbps"]["out"] > 0 and stats["bandwidth_gbps"]["in"] > 0
+    finally:
+        eng.shutdown()
+
+
+def test_cuda_recompute_rebuilds_the_same_tokens():
+    lm = loaded("tiny-llama", device="cuda", dtype=torch.float32)
+    eng = engine(lm, policy="recompute")
+    try:
+        sid = eng.open_session("m")
+        history: list[int] = []
+        for turn, prompt in enumerate(prompts(2, 5)):
+            out = eng.generate(sid, GenerateRequest(prompt, greedy(7)))
+            history += prompt
+            assert out.token_ids == hf_greedy(lm.model, history, 7), f"turn {turn}"
+            history += out.token_ids
+            eng.signal_phase(sid, "IO_WAIT")
+            assert eng.session_info(sid)["kv_location"] == "dropped"
+    finally:
+        eng.shutdown()
+
+
+def test_cuda_forty_agents_with_eight_times_the_device_kv():
+    lm = loaded("tiny-llama", device="cuda", dtype=torch.float32)
+    ref = engine(lm, policy="resident", blocks=512, host=0)
+    try:
+        expected = _agents(ref, seed=5)[0]
+    finally:
+        ref.shutdown()
+    eng = engine(lm, policy="semantic", blocks=26, host=100)
+    try:
+        outs, _ = _agents(eng, seed=5)
+        assert outs == expected
+        pool = eng.runtimes["m"].pool
+        assert pool.high_water <= pool.capacity and eng.stats()["swaps"]["in"] > 0
+    finally:
+        eng.shutdown()
