@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--tokens", default="256,1024,4096", help="session sizes to park and restore")
+    p.add_argument("--tokens", default="256,1024,4000", help="session sizes to park and restore (below the 4,096-token context)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--signals", type=int, default=200, help="signal_phase calls per latency measurement")
     p.add_argument("--gpu-memory", default=None, help="device budget (default: 90%% of the device)")
