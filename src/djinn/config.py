@@ -80,6 +80,10 @@ class EngineConfig:
     max_sessions: int = 4096
     max_tensors_per_session: int = 64              # server-side tensors a session holds (engine/tensors.py)
     max_tensor_bytes_per_session: int = 2 << 30    # ... and their bytes; the oldest are evicted past either
+    batching: bool = True              # continuous batching of plain turns (engine/batcher.py)
+    prefill_chunk_tokens: int = 512    # prompt tokens per step, shared by all prefilling turns
+    max_batch: int = 64                # sequences per step
+    cuda_graphs: bool = True           # replay captured decode steps on CUDA
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

@@ -9,11 +9,13 @@ device) and wait for it. Methods whose name starts with ``_`` run on the loop. T
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from djinn.config import EngineConfig
+from djinn.engine.batcher import Batcher
 from djinn.engine.cache import PagedCache
 from djinn.engine.chat import turn_text
 from djinn.engine.loop import EngineLoop
@@ -53,6 +55,9 @@ class Engine:
         self.loop = EngineLoop()
         self.residency: Residency | None = None       # where each session's KV lives (first model's device)
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
+        c = self.config
+        self.batcher = Batcher(self, c.prefill_chunk_tokens, c.max_batch, c.cuda_graphs)
+        self.loop.set_stepper(self.batcher.has_work, self.batcher.step)
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
 
@@ -87,8 +92,33 @@ class Engine:
         return self.loop.call(self._open_session, model, owner)
 
     def generate(self, session_id: str, request: GenerateRequest, owner: str | None = None) -> GenerateResult:
+        if self.loop.in_loop():   # cannot wait for a step on the loop itself: run this turn alone
+            return self._generate(session_id, request, owner, time.perf_counter(), batch=False)
+        return self.submit_generate(session_id, request, owner).result()
+
+    def submit_generate(self, session_id: str, request: GenerateRequest, owner: str | None = None) -> Future:
+        """Start a turn; the future resolves with its GenerateResult (or error). Never blocks,
+        also when called on the loop thread (the servers' gateways do that)."""
         submitted = time.perf_counter()
-        return self.loop.call(self._generate, session_id, request, owner, submitted)
+        out: Future = Future()
+
+        def start() -> None:
+            try:
+                r = self._generate(session_id, request, owner, submitted)
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            if isinstance(r, Future):
+                r.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception() is not None
+                                    else out.set_result(f.result()))
+            else:
+                out.set_result(r)
+
+        if self.loop.in_loop():
+            start()
+        else:
+            self.loop.submit(start)
+        return out
 
     def close_session(self, session_id: str, owner: str | None = None) -> None:
         self.loop.call(self._close_session, session_id, owner)
@@ -166,6 +196,7 @@ class Engine:
 
     def _close_session(self, session_id: str, owner: str | None) -> None:
         s = self._session(session_id, owner)
+        self.batcher.cancel_session(s, SessionClosed(f"session {s.id} was closed during its turn"))
         self.whitebox.on_close(s)
         self._free_kv(s)
         s.phase = Phase.CLOSED
@@ -215,7 +246,8 @@ class Engine:
             raise InvalidRequest(f"token ids must be integers in [0, {vocab})")
         return list(prompt), []
 
-    def _generate(self, session_id: str, req: GenerateRequest, owner: str | None, submitted: float) -> GenerateResult:
+    def _generate(self, session_id: str, req: GenerateRequest, owner: str | None, submitted: float,
+                  batch: bool = True) -> GenerateResult | Future:
         started = time.perf_counter()
         s = self._session(session_id, owner)
         if s.phase is Phase.PAUSED:
@@ -237,6 +269,8 @@ class Engine:
         self._rebuild(s, rt, memory)
         turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), time.perf_counter(), submitted, memory)
         s.tokens.extend(new)
+        if wb_plan is None and batch and self.config.batching and rt.streamer is None:
+            return self.batcher.add(turn, params, req)   # resolved by a later step
         try:
             if wb_plan is None:
                 result = self._run_turn(s, rt, params, turn.started, req)
@@ -386,6 +420,7 @@ class Engine:
             "bandwidth_gbps": mem.get("bandwidth_gbps", {}),
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
+            "batching": self.batcher.stats(),
             "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},
             **self.counters,
         }

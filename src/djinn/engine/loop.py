@@ -7,6 +7,7 @@ needs a lock.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -14,11 +15,15 @@ from typing import Any, Callable
 
 from djinn.errors import Cancelled
 
+log = logging.getLogger("djinn.engine")
+
 
 class EngineLoop:
     def __init__(self, name: str = "djinn-engine"):
         self._queue: queue.Queue = queue.Queue()
         self._stopping = False
+        self._has_work: Callable[[], bool] = lambda: False
+        self._step: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -29,6 +34,11 @@ class EngineLoop:
             return fut
         self._queue.put((fn, args, kwargs, fut))
         return fut
+
+    def set_stepper(self, has_work: Callable[[], bool], step: Callable[[], None]) -> None:
+        """Work the loop does whenever no submitted call is waiting: one step of the batch
+        (``engine/batcher.py``). Submitted calls go first, one between two steps."""
+        self._has_work, self._step = has_work, step
 
     def in_loop(self) -> bool:
         return threading.current_thread() is self._thread
@@ -41,7 +51,14 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(block=not self._has_work())
+            except queue.Empty:
+                try:
+                    self._step()
+                except BaseException:  # pragma: no cover - the stepper fails its own turns
+                    log.exception("engine step failed")
+                continue
             if item is None:
                 return
             fn, args, kwargs, fut = item

@@ -55,4 +55,7 @@ class EngineGateway:
         rec.future = self.engine.loop.submit(run)
         # cancelling the awaiting task cancels rec.future too (wrap_future chains them);
         # that only succeeds while it is still queued
-        return await asyncio.wrap_future(rec.future)
+        result = await asyncio.wrap_future(rec.future)
+        if isinstance(result, Future):   # work the engine finishes later (a batched turn)
+            result = await asyncio.wrap_future(result)
+        return result

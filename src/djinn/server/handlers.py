@@ -126,7 +126,7 @@ async def op_session_open(ctx: RequestContext, req: dict, tensors) -> Reply:
 
 
 async def op_generate(ctx: RequestContext, req: dict, tensors) -> Reply:
-    result = await ctx.engine(ctx.server.engine.generate, req["session_id"], generate_request(req, tensors),
+    result = await ctx.engine(ctx.server.engine.submit_generate, req["session_id"], generate_request(req, tensors),
                               owner=ctx.owner)
     ctx.hold(req["session_id"])
     return generation_reply(result, ctx.call.queued_s), []

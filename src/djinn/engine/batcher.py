@@ -1,0 +1,229 @@
+"""Continuous batching: every engine step runs one forward for all runnable turns.
+
+A plain ``generate`` turn (no breakpoint, intervention or capture; not on a streamed model)
+is handed to the ``Batcher`` once its memory is ready (``Engine._generate``). Each step then
+packs, per model:
+- the decode token of every turn that is generating (one token each), and
+- prefill chunks of turns whose prompt is not yet computed, under a token budget
+  (``EngineConfig.prefill_chunk_tokens``), so a long prompt never stalls the others' decodes.
+Turns are served oldest session first, so a session that comes back from a tool call keeps its
+place ahead of sessions that arrived after it. A step of decodes only replays a CUDA graph
+(``engine/graphs.py``) when the model runs on CUDA; anything else runs eagerly.
+
+The batcher only decides and advances; it never moves KV (the turn's blocks were reserved by
+``Residency.begin_turn``) and finishes turns through the engine (``_complete_turn`` /
+``_rollback_turn``), so a batched turn ends exactly like a serial one.
+Invariant: a turn is in exactly one of: running here, finished (future resolved).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from djinn.engine.batch import BatchItem, forward_batch
+from djinn.engine.requests import GenerateRequest, GenerateResult
+from djinn.engine.sampling import Sampler, SamplingParams
+from djinn.errors import Cancelled
+
+log = logging.getLogger("djinn.engine")
+
+
+@dataclass(eq=False)
+class Running:
+    """One batched turn between steps."""
+
+    turn: object                      # engine._Turn
+    params: SamplingParams
+    request: GenerateRequest
+    sampler: Sampler
+    stop_ids: set[int]
+    future: Future = field(default_factory=Future)
+    out: list[int] = field(default_factory=list)
+    computed: int = 0
+    text: str | None = None
+    t_first: float | None = None
+
+    @property
+    def session(self):
+        return self.turn.session
+
+    @property
+    def pending(self) -> int:
+        s = self.session
+        return len(s.tokens) - s.num_cached
+
+
+class Batcher:
+    def __init__(self, engine, prefill_chunk_tokens: int = 512, max_batch: int = 64, cuda_graphs: bool = True):
+        self.engine = engine
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self.max_batch = max(1, max_batch)
+        self.cuda_graphs = cuda_graphs
+        self.running: list[Running] = []
+        self.batch_sizes: Counter = Counter()      # decode+prefill items per step
+        self.steps = 0
+        self._graphs: dict[str, object] = {}       # model -> DecodeGraphs (or None when unavailable)
+
+    # ---- entering and leaving ----------------------------------------------------------
+    def add(self, turn, params: SamplingParams, request: GenerateRequest) -> Future:
+        rt = turn.runtime
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(rt.eos_ids()))
+        r = Running(turn=turn, params=params, request=request, sampler=Sampler(params, rt.device), stop_ids=stop_ids)
+        self.running.append(r)
+        return r.future
+
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    def cancel_session(self, session, exc: BaseException) -> None:
+        """End the running turn of ``session`` (closing, shutting down) with ``exc``."""
+        for r in [r for r in self.running if r.session is session]:
+            self._fail(r, exc)
+
+    def cancel_all(self) -> None:
+        for r in list(self.running):
+            self._fail(r, Cancelled("the engine is shutting down"))
+
+    def _fail(self, r: Running, exc: BaseException) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        try:
+            self.engine._rollback_turn(r.turn)
+        finally:
+            if not r.future.done():
+                r.future.set_exception(exc)
+
+    # ---- one step ----------------------------------------------------------------------
+    def _plan(self, turns: list[Running]) -> list[tuple[Running, list[int]]]:
+        """Decodes first (one token each), then prefill chunks under the token budget."""
+        turns = sorted(turns, key=lambda r: r.session.created_at)
+        plan = [(r, r.session.tokens[-1:]) for r in turns if r.pending == 1][: self.max_batch]
+        budget = self.prefill_chunk_tokens
+        for r in turns:
+            if r.pending > 1 and budget > 0 and len(plan) < self.max_batch:
+                s = r.session
+                chunk = s.tokens[s.num_cached: s.num_cached + min(r.pending, budget)]
+                plan.append((r, chunk))
+                budget -= len(chunk)
+        return plan
+
+    def _graphs_for(self, rt, n: int):
+        if not self.cuda_graphs or rt.device.type != "cuda":
+            return None
+        graphs = self._graphs.get(rt.name, False)
+        if graphs is False:
+            try:
+                from djinn.engine.graphs import DecodeGraphs
+
+                graphs = DecodeGraphs(rt.executor, rt.pool, rt.max_context)
+            except Exception as exc:  # e.g. an attention backend that cannot be captured
+                log.warning("CUDA graphs off for %s: %s", rt.name, exc)
+                graphs = None
+            self._graphs[rt.name] = graphs
+        if graphs is None:
+            return None
+        bucket = next((b for b in graphs.buckets if b >= n), None)
+        if bucket is None:
+            return None
+        if bucket not in graphs.captured:
+            try:
+                graphs.capture((bucket,))
+            except Exception as exc:
+                log.warning("CUDA graph capture of batch %d failed for %s, running eagerly: %s", bucket, rt.name, exc)
+                self._graphs[rt.name] = None
+                return None
+        return graphs
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        by_model: dict[str, list[Running]] = {}
+        for r in self.running:
+            by_model.setdefault(r.session.model, []).append(r)
+        for model, turns in by_model.items():
+            plan = self._plan(turns)
+            if plan:
+                self._step_model(self.engine.runtime(model), plan)
+
+    def _step_model(self, rt, plan: list[tuple[Running, list[int]]]) -> None:
+        items = []
+        for r, chunk in plan:
+            s = r.session
+            self.engine._ensure_blocks(s, rt, s.num_cached + len(chunk))
+            items.append(BatchItem(block_table=list(s.block_table), start=s.num_cached, tokens=list(chunk)))
+        decode_only = all(len(it.tokens) == 1 for it in items)
+        graphs = self._graphs_for(rt, len(items)) if decode_only else None
+        try:
+            logits = forward_batch(rt.executor, rt.pool, items, graphs=graphs)
+        except BaseException as exc:
+            for r, _ in plan:
+                self._fail(r, exc)
+            return
+        self.steps += 1
+        self.batch_sizes[len(items)] += 1
+        for (r, chunk), lg in zip(plan, logits):
+            try:
+                self._advance(rt, r, chunk, lg)
+            except BaseException as exc:   # a callback of this turn failed: only this turn ends
+                self._fail(r, exc)
+
+    def _advance(self, rt, r: Running, chunk: list[int], logits: torch.Tensor) -> None:
+        s = r.session
+        s.num_cached += len(chunk)
+        r.computed += len(chunk)
+        if s.num_cached < len(s.tokens):
+            return                        # more of the prompt to compute
+        last = logits[-1:]
+        if r.request.logits_processor is not None:
+            last = r.request.logits_processor(r.out, last)
+        nxt = int(r.sampler(last)[0])
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        r.out.append(nxt)
+        s.tokens.append(nxt)
+        if r.request.on_token is not None:
+            r.request.on_token(nxt)
+        finish = None
+        p = r.params
+        if nxt in r.stop_ids:
+            finish = "stop"
+        elif p.stop:
+            text = rt.tokenizer.decode(r.out, skip_special_tokens=True)
+            hit = min((text.find(x) for x in p.stop if x in text), default=-1)
+            if hit >= 0:
+                r.text, finish = text[:hit], "stop"
+        if finish is None and (len(r.out) >= p.max_new_tokens or len(s.tokens) >= rt.max_context):
+            finish = "length"
+        if finish is not None:
+            self._finish(rt, r, finish)
+
+    def _finish(self, rt, r: Running, finish: str) -> None:
+        self.running.remove(r)
+        s = r.session
+        end = time.perf_counter()
+        s.ended_with_eos = finish == "stop" and r.out[-1] in r.stop_ids
+        s.tokens_computed += r.computed
+        self.engine.counters["tokens_computed"] += r.computed
+        text = r.text if r.text is not None else rt.tokenizer.decode(r.out, skip_special_tokens=True)
+        started = r.turn.started
+        result = GenerateResult(
+            token_ids=r.out, text=text, finish_reason=finish, prompt_tokens=0, cached_tokens=0,
+            computed_tokens=r.computed,
+            timings={"prefill_ms": (r.t_first - started) * 1e3, "decode_ms": (end - r.t_first) * 1e3,
+                     "compute_ms": (end - started) * 1e3},
+        )
+        try:
+            result = self.engine._complete_turn(r.turn, result)
+        except BaseException as exc:
+            r.future.set_exception(exc)
+            return
+        r.future.set_result(result)
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "running": len(self.running),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
