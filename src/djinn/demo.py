@@ -8,6 +8,7 @@ it continues, and for every step where each session's state lives and how long t
 
 from __future__ import annotations
 
+import sys
 import time
 
 from rich.console import Console
@@ -42,7 +43,7 @@ def _settled(sess, timeout: float = 10.0) -> dict:
 
 
 def run_demo(config: Config, model: str | None = None) -> int:
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=140)   # logs and CI: no 80-column wrap
     name, real = _pick_model(config, model)
     if not real:
         console.print(f"[yellow]{REAL_MODEL} is not in the model cache ({config.home / 'models'}); running on the "
