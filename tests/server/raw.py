@@ -44,7 +44,10 @@ class Peer:
     def send(self, data: bytes, eof: bool = False) -> None:
         self.sock.sendall(data)
         if eof:
-            self.sock.shutdown(socket.SHUT_WR)
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:   # the server already judged the frame and closed: that is its answer
+                pass
 
     def reply(self) -> dict:
         msg = recv_message(self.sock)

@@ -322,8 +322,9 @@ def test_a_client_killed_mid_generation_leaves_nothing_once_its_lease_ends(srv, 
     assert wait_for(lambda: good.memory() == before or None, 30, "the killed client's sessions to expire")
     after = good.client.stats()
     assert after["server"]["sessions_expired"] >= counters["server"]["sessions_expired"] + 3
-    # the generation it was waiting for ran to its end on the server, then its lease freed it
-    assert after["tokens_generated"] >= counters["tokens_generated"] + 490
+    # the generation it was waiting for either ran to its end or, still running when the lease
+    # closed its session, left the batch then; nothing of it is running now
+    assert after["batching"]["running"] == 0
 
 
 # ---- many clients -----------------------------------------------------------------------------------
@@ -361,7 +362,9 @@ def test_64_clients_in_parallel_get_what_one_at_a_time_gets(srv, good):
     for i in range(64):
         seq, par = sequential[i], results[i]
         assert seq[:3] == par[:3], i
-        assert torch.equal(seq[3], par[3]), i
+        # Tokens are exact. The logits of the white-box forward read K/V that the batched steps
+        # wrote; in a batch of other sizes the matmuls round differently in the last bits.
+        assert torch.allclose(seq[3], par[3], rtol=1e-5, atol=1e-5), i
     assert len({tuple(r[0]) for r in results}) > 1      # the clients did not all get one answer
     good.check()
     assert wait_for(lambda: good.memory() == before or None, 5, "memory back to where it was")
