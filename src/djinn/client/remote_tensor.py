@@ -18,21 +18,15 @@ from typing import Any
 import torch
 
 from djinn.errors import InvalidRequest
-from djinn.protocol.expr import Expr, UnsupportedOperation, evaluate_expr
+from djinn.protocol.expr import Expr, UnsupportedOperation, UnsupportedOperators, evaluate_expr
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool)}
 
 
-def _unsupported(what: str):
-    def method(self, *args, **kwargs):
-        raise UnsupportedOperation(what)
-    method.__name__ = what
-    return method
 
-
-class RemoteTensor:
+class RemoteTensor(UnsupportedOperators):
     """A server-side tensor (or a lazy expression over some) of one session."""
 
     __slots__ = ("_backend", "_session_id", "_expr", "_refs", "_meta", "__weakref__")
@@ -162,20 +156,6 @@ class RemoteTensor:
             raise AttributeError(name)
         raise UnsupportedOperation(f".{name}")
 
-    __matmul__ = __rmatmul__ = _unsupported("@ (matmul)")
-    __pow__ = __rpow__ = _unsupported("** (pow)")
-    __floordiv__ = __rfloordiv__ = _unsupported("// (floordiv)")
-    __mod__ = __rmod__ = _unsupported("% (mod)")
-    __abs__ = _unsupported("abs()")
-    __pos__ = _unsupported("unary +")
-    __invert__ = _unsupported("~ (invert)")
-    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = _unsupported("&, |, ^ (bitwise)")
-    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _unsupported("comparison")
-    __bool__ = _unsupported("bool() (the value is only known on the server)")
-    __len__ = _unsupported("len()")
-    __iter__ = _unsupported("iteration")
-    __int__ = __float__ = __index__ = _unsupported("conversion to a Python number")
-    __setitem__ = _unsupported("item assignment (remote tensors are immutable; build a new expression)")
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:

@@ -234,7 +234,31 @@ def _unsupported(what: str) -> Callable:
     return method
 
 
-class Expr:
+class UnsupportedOperators:
+    """The operators a lazy remote expression refuses, each with an error that names it (the
+    supported ones are ``+ - * /``, unary ``-`` and indexing). Shared by ``Expr`` and the
+    client's ``RemoteTensor``."""
+
+    __slots__ = ()
+
+    __matmul__ = __rmatmul__ = _unsupported("@ (matmul)")
+    __pow__ = __rpow__ = _unsupported("** (pow)")
+    __floordiv__ = __rfloordiv__ = _unsupported("// (floordiv)")
+    __mod__ = __rmod__ = _unsupported("% (mod)")
+    __abs__ = _unsupported("abs()")
+    __pos__ = _unsupported("unary +")
+    __invert__ = _unsupported("~ (invert)")
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = _unsupported("&, |, ^ (bitwise)")
+    __lshift__ = __rshift__ = _unsupported("<<, >> (shift)")
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _unsupported("comparison")
+    __bool__ = _unsupported("bool() (the value is only known on the server)")
+    __len__ = _unsupported("len()")
+    __iter__ = _unsupported("iteration")
+    __int__ = __float__ = __index__ = _unsupported("conversion to a Python number")
+    __setitem__ = _unsupported("item assignment (expressions are immutable; build a new one)")
+
+
+class Expr(UnsupportedOperators):
     """A lazy expression over remote tensors, built with ``+ - * /``, unary ``-`` and ``[]``.
 
     >>> e = (Expr.ref("t1") * 0.9 + Expr.tensor(torch.ones(4)))[..., :2]
@@ -351,21 +375,6 @@ class Expr:
             raise AttributeError(name)
         raise UnsupportedOperation(f".{name}")
 
-    __matmul__ = __rmatmul__ = _unsupported("@ (matmul)")
-    __pow__ = __rpow__ = _unsupported("** (pow)")
-    __floordiv__ = __rfloordiv__ = _unsupported("// (floordiv)")
-    __mod__ = __rmod__ = _unsupported("% (mod)")
-    __abs__ = _unsupported("abs()")
-    __pos__ = _unsupported("unary +")
-    __invert__ = _unsupported("~ (invert)")
-    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = _unsupported("&, |, ^ (bitwise)")
-    __lshift__ = __rshift__ = _unsupported("<<, >> (shift)")
-    __lt__ = __le__ = __gt__ = __ge__ = __eq__ = __ne__ = _unsupported("comparison")
-    __bool__ = _unsupported("bool() (the value is only known on the server)")
-    __len__ = _unsupported("len()")
-    __iter__ = _unsupported("iteration")
-    __int__ = __float__ = __index__ = _unsupported("conversion to a Python number")
-    __setitem__ = _unsupported("item assignment (expressions are immutable)")
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
