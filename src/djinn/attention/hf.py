@@ -65,11 +65,15 @@ def djinn_attention_forward(module, query, key, value, attention_mask, scaling=N
 AttentionInterface.register(IMPLEMENTATION, djinn_attention_forward)
 
 
-class _BatchLayer(CacheLayerMixin):
+class PoolLayer(CacheLayerMixin):
+    """One layer's face of a cache whose storage is the block pool. ``owner`` provides
+    ``write(layer, k, v) -> (k, v)``, ``past`` (tokens cached before this forward) and
+    ``masked`` (whether transformers should build a mask of past + new keys)."""
+
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, owner: "BatchCache", layer_idx: int):
+    def __init__(self, owner, layer_idx: int):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
@@ -81,11 +85,11 @@ class _BatchLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         return self.owner.write(self.layer_idx, key_states, value_states)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # no mask is built for "djinn"
-        return query_length, 0
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.past + query_length, 0
 
     def get_seq_length(self) -> int:
-        return 0
+        return self.owner.past
 
     def get_max_length(self) -> int:
         return -1
@@ -97,7 +101,9 @@ class BatchCache(Cache):
     def __init__(self, pool: BlockPool, meta: AttentionMetadata):
         self.pool = pool
         self.meta = meta
-        super().__init__(layers=[_BatchLayer(self, i) for i in range(pool.shape.num_layers)])
+        super().__init__(layers=[PoolLayer(self, i) for i in range(pool.shape.num_layers)])
+
+    past = 0   # the "djinn" attention builds no transformers mask: positions travel in ``meta``
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Store ``[1, kv_heads, T, D]`` new K/V of ``layer``; return the layer's K and V pool views."""

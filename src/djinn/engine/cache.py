@@ -14,35 +14,10 @@ masks and positions computed before layer 0 are right, whatever layers already r
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from djinn.attention.hf import PoolLayer
 from djinn.memory.blocks import BlockPool
-
-
-class _PagedLayer(CacheLayerMixin):
-    is_sliding = False
-    is_croppable = False
-
-    def __init__(self, owner: "PagedCache", layer_idx: int):
-        super().__init__()
-        self.owner = owner
-        self.layer_idx = layer_idx
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # storage is the pool
-        return None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return self.owner.write_and_gather(self.layer_idx, key_states, value_states)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.start + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.owner.start
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 class PagedCache(Cache):
@@ -53,7 +28,7 @@ class PagedCache(Cache):
         self.start = start
         self.new = new
         self._table, self._write_blocks, self._write_offsets = self._indices(block_table)
-        super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.shape.num_layers)])
+        super().__init__(layers=[PoolLayer(self, i) for i in range(pool.shape.num_layers)])
 
     def _indices(self, block_table: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bs = self.pool.shape.block_size
@@ -80,7 +55,11 @@ class PagedCache(Cache):
         self._write_blocks.copy_(blocks)
         self._write_offsets.copy_(offsets)
 
-    def write_and_gather(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+    @property
+    def past(self) -> int:
+        return self.start
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Store the new tokens' K/V of ``layer``; return the context's K/V as [1, H, T, D]."""
         if key_states.shape[0] != 1 or key_states.shape[-2] != self.new:
             raise RuntimeError(f"paged cache expects [1, H, {self.new}, D], got {tuple(key_states.shape)}")
