@@ -120,6 +120,45 @@ def test_32_forks_of_a_2000_token_smollm2_session():
 
 # ---------------------------------------------------------------- copy-on-write
 
+def test_forks_decoding_in_one_batch_each_write_their_own_copy_of_the_shared_last_block():
+    """The batched path (engine.batch) writes K/V through BatchCache: the scheduler's
+    ``residency.grow`` before each step is what makes the shared last block private."""
+    from djinn.engine.batch import BatchItem
+
+    lm = loaded("tiny-llama")
+    eng = make_engine(lm)
+    rt = eng.runtimes["m"]
+    try:
+        parent = eng.open_session("m")
+        eng.generate(parent, GenerateRequest(prompt(lm, 40, 24), greedy(1)))   # 40 cached: block 2 half full
+        history = list(eng.sessions[parent].tokens)
+        tails = prompt(lm, 3, 25)
+        kids = [eng.sessions[eng.fork(parent)["session_id"]] for _ in tails]
+        for s, t in zip(kids, tails):
+            s.tokens.append(t)
+        n = 5
+
+        def run_steps():
+            for _ in range(n):
+                items = []
+                for s in kids:
+                    eng.residency.grow(s, len(s.tokens))
+                    items.append(BatchItem(list(s.block_table), s.num_cached, s.tokens[s.num_cached:]))
+                logits = rt.executor.forward_batch(rt.pool, items)
+                for s, it, lg in zip(kids, items, logits):
+                    s.num_cached += len(it.tokens)
+                    s.tokens.append(int(lg[-1].argmax()))
+
+        eng.loop.call(run_steps)
+        for s, t in zip(kids, tails):
+            assert s.tokens[len(history) + 1:] == hf_greedy(lm.model, history + [t], n)
+        assert eng.stats()["sharing"]["cow_copies"] == len(kids)
+        y = prompt(lm, 1, 26)
+        assert eng.generate(parent, GenerateRequest(y, greedy(4))).token_ids == hf_greedy(lm.model, history + y, 4)
+    finally:
+        eng.shutdown()
+
+
 def test_a_truncated_fork_copies_the_block_it_cuts_and_leaves_the_parent_alone():
     lm = loaded("tiny-llama")
     eng = make_engine(lm)
