@@ -35,14 +35,14 @@ def hf_prefix(model, ids: list[int]) -> DynamicCache:
     """transformers' own cache of ``ids``."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
     return cache
 
 
 def hf_greedy_after(model, cache: DynamicCache, n_cached: int, history: list[int], n: int) -> list[int]:
     """transformers' greedy generate of ``history`` whose first ``n_cached`` tokens are in ``cache``
     (a copy is used: the same prefix serves many continuations)."""
-    ids = torch.tensor([history])
+    ids = torch.tensor([history], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=copy.deepcopy(cache),
                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(history):].tolist()
@@ -55,13 +55,13 @@ def hf_edited(model, past: list[int], ids: list[int], layer: int, fn, then: list
     edit = LayerEdit(model, layer, fn)
     try:
         with torch.inference_mode():
-            logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0]
+            logits = model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True).logits[0]
     finally:
         edit.remove()
     out, nxt = [], then
     with torch.inference_mode():
         for _ in range(n):
-            t = int(model(torch.tensor([nxt]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            t = int(model(torch.tensor([nxt], device=model.device), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
             out.append(t)
             nxt = [t]
     return logits, out
@@ -209,11 +209,14 @@ def test_closing_the_parent_first_keeps_the_forks_kv():
 # ---------------------------------------------------------------- counterfactuals from a breakpoint
 
 def test_two_counterfactuals_from_one_paused_forward_equal_hooked_transformers():
-    lm = loaded("tiny-llama")
+    _two_counterfactuals(loaded("tiny-llama"))
+
+
+def _two_counterfactuals(lm):
     eng = make_engine(lm)
     pool = eng.runtimes["m"].pool
     layer = 1
-    v = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    v = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(9)).to(lm.model.device)
     try:
         parent = eng.open_session("m")
         history = prompt(lm, 30, 10)
@@ -234,7 +237,7 @@ def test_two_counterfactuals_from_one_paused_forward_equal_hooked_transformers()
         ref2, cont2 = hf_edited(lm.model, history, first + ids, layer, lambda h: h + v, then, 4)
         assert not torch.equal(ref1, ref2)
         out1 = eng.resume(p1["paused_id"], {"op": "mul", "args": [{"ref": p1["activation"]["id"]}, {"scalar": 0.9}]})
-        out2 = eng.resume(p2["paused_id"], a2 + v)
+        out2 = eng.resume(p2["paused_id"], a2 + v.cpu())
         assert torch.equal(logits_of(eng, out1), ref1)
         assert torch.equal(logits_of(eng, out2), ref2)
         # each session's KV holds its own edit: their continuations are transformers' over that KV
@@ -299,7 +302,10 @@ def test_a_fork_of_a_paused_sampled_generation_continues_the_same_random_stream(
 # ---------------------------------------------------------------- parked sessions
 
 def test_a_fork_of_a_parked_session_is_parked_and_shares_the_host_blocks():
-    lm = loaded("tiny-llama")
+    _parked_fork(loaded("tiny-llama"))
+
+
+def _parked_fork(lm):
     eng = make_engine(lm, blocks=64, host_blocks=64, policy="semantic")
     pool, arena = eng.runtimes["m"].pool, eng.residency.tiers["m"].arena
     try:
