@@ -1,6 +1,6 @@
 """``djinn bench fork``: N forks of one long session, sharing its KV copy-on-write.
 
-One session holds a ``--prefix``-token history (Llama-2-7B shape, 2,000 tokens by default);
+One session holds a 2,000-token history (``--prefix`` prompt tokens and one generated; Llama-2-7B shape);
 ``--forks`` forks of it each take one different token and generate ``--new`` greedy tokens.
 Recorded:
 
@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--prefix", type=int, default=2000)
+    p.add_argument("--prefix", type=int, default=1999,
+                   help="prompt tokens; with the one token generated the history is prefix + 1 tokens (default "
+                        "2,000), and the last KV block is partly filled, so each fork's first turn copies it")
     p.add_argument("--forks", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--check", type=int, default=None, help="forks compared with independent sessions (default all)")
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
-        args.model, args.device, args.prefix, args.forks, args.new = "tiny-llama", "cpu", 400, 8, 16
+        args.model, args.device, args.prefix, args.forks, args.new = "tiny-llama", "cpu", 395, 8, 16
     from djinn.config import EngineConfig, MemoryConfig, default_home
     from djinn.engine import Engine, GenerateRequest, SamplingParams
     from djinn.engine.startup import resolve_device, resolve_dtype
