@@ -53,6 +53,14 @@ def test_async_client_mirrors_the_sync_one(connect_kwargs):
                 assert torch.equal(await r.logits.fetch(), ref_logits)
                 with pytest.raises(djinn.InvalidRequest, match="already resumed"):
                     await p.resume()
+            async with await model.session() as sess:     # a fork of a paused session, awaited
+                p = await sess.forward(IDS, breakpoint=1)
+                child = await sess.fork()
+                assert isinstance(child.paused, djinn.client.aio.AsyncPaused) and child.paused.layer == 1
+                r = await child.paused.resume(child.paused.activation * 0.5)
+                assert torch.equal(await r.logits.fetch(), ref_logits)
+                await p.resume()
+                await child.close()
             # two sessions awaited together
             s1, s2 = await model.session(), await model.session()
             a, b = await asyncio.gather(s1.generate(IDS, max_new_tokens=6, ignore_eos=True),

@@ -111,7 +111,7 @@ def test_models_health_metrics_and_sessions(server):
     text = httpx.get(server.root + "/metrics").text
     for name in ("djinn_sessions{", 'djinn_kv_bytes{tier="device"}', 'djinn_kv_bytes{tier="host"}',
                  "djinn_swaps_total", "djinn_bytes_moved_total", "djinn_queue_seconds_bucket",
-                 "djinn_turn_seconds_bucket"):
+                 "djinn_turn_seconds_bucket", "djinn_kv_shared_bytes", "djinn_kv_sharing_ratio"):
         assert name in text, name
     active = [l for l in text.splitlines() if l.startswith('djinn_sessions{phase="ACTIVE"}')]
     assert active and float(active[0].split()[-1]) >= 1

@@ -146,6 +146,7 @@ class AsyncSession:
     def __init__(self, session: Session, run: _Runner):
         self.session, self._run = session, run
         self.id = session.id
+        self.paused: AsyncPaused | None = None   # set on a fork of a paused session
 
     async def generate(self, prompt, max_new_tokens: int = 64, **kwargs: Any):
         return _wrap(await self._run(self.session.generate, prompt, max_new_tokens, **kwargs), self._run)
@@ -168,6 +169,12 @@ class AsyncSession:
 
     async def info(self) -> dict[str, Any]:
         return await self._run(self.session.info)
+
+    async def fork(self) -> "AsyncSession":
+        """See ``djinn.Session.fork``: a child sharing this session's KV copy-on-write."""
+        child = AsyncSession(await self._run(self.session.fork), self._run)
+        child.paused = _wrap(child.session.paused, self._run)
+        return child
 
     async def close(self) -> None:
         await self._run(self.session.close)

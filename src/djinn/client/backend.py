@@ -39,6 +39,12 @@ class Backend(ABC):
     def close_session(self, session_id: str) -> None: ...
 
     @abstractmethod
+    def fork(self, session_id: str) -> dict[str, Any]:
+        """A new session sharing ``session_id``'s history and KV (copy-on-write):
+        ``{"session_id", "paused"}``; ``paused`` is the child's paused_ref (as in ``forward``)
+        when the session is paused at a breakpoint, else None."""
+
+    @abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
     # ---- white-box (docs/whitebox.md). Plain data only: ids, tensors, expression trees as

@@ -80,6 +80,9 @@ class EmbeddedBackend(Backend):
     def close_session(self, session_id: str) -> None:
         self.engine.close_session(session_id)
 
+    def fork(self, session_id: str) -> dict[str, Any]:
+        return self.engine.fork(session_id)
+
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 

@@ -26,6 +26,7 @@ class Session:
         self.model = model
         self.id = session_id
         self._closed = False
+        self.paused: Paused | None = None   # set on a fork of a paused session: its own paused forward
 
     @property
     def _backend(self) -> Backend:
@@ -89,6 +90,18 @@ class Session:
         finally:
             if not self._closed:
                 self.signal_phase("ACTIVE")
+
+    def fork(self) -> "Session":
+        """A new session with this one's token history and KV, sharing its KV blocks on the
+        server copy-on-write: no copy now, only a block either session later writes is copied.
+        Sub-agents, or two edits from one point. A session paused at a breakpoint forks paused
+        there: the child's ``paused`` is its own ``Paused``, so ``p.resume(a * 0.9)`` and
+        ``child.paused.resume(a2 + v)`` explore two counterfactuals from one prefix."""
+        reply = self._backend.fork(self.id)
+        child = Session(self.model, reply["session_id"])
+        if reply.get("paused") is not None:
+            child.paused = Paused(child, reply["paused"])
+        return child
 
     def info(self) -> dict[str, Any]:
         """Where the session's state lives: phase, tokens, KV blocks and their location."""

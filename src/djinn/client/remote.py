@@ -262,6 +262,12 @@ class RemoteBackend(Backend):
     def stats(self) -> dict[str, Any]:
         return self.call("stats")[0]["stats"]
 
+    def fork(self, session_id: str) -> dict[str, Any]:
+        reply, _ = self.call("fork", {"session_id": session_id})
+        if session_id in self._sessions:   # closed with this client, like the sessions it opened
+            self._sessions[reply["session_id"]] = self._sessions[session_id]
+        return {"session_id": reply["session_id"], "paused": reply.get("paused")}
+
     def forward(self, session_id: str, input_ids: list[int], breakpoint: int | None = None,
                 interventions: Sequence[dict] = ()) -> dict[str, Any]:
         tensors: list[torch.Tensor] = []

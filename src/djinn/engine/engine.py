@@ -18,6 +18,7 @@ from djinn.config import EngineConfig
 from djinn.engine.batcher import Batcher
 from djinn.engine.cache import PagedCache
 from djinn.engine.chat import turn_text
+from djinn.engine.fork import fork_session
 from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
 from djinn.engine.residency import Residency
@@ -136,6 +137,12 @@ class Engine:
         For front ends that find a client's conversation diverging from the session (an edited
         message, a re-tokenized reply): KV of tokens that no longer match is never reused."""
         self.loop.call(self._truncate, session_id, length, owner)
+
+    def fork(self, session_id: str, owner: str | None = None) -> dict:
+        """A new session with the same history and KV, its blocks shared copy-on-write
+        (engine/fork.py): ``{"session_id", "paused"}``; ``paused`` is the child's paused_ref
+        when the session was paused at a breakpoint (the child is paused at the same point)."""
+        return self.loop.call(fork_session, self, session_id, owner)
 
     def session_info(self, session_id: str, owner: str | None = None) -> dict:
         return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
@@ -416,6 +423,7 @@ class Engine:
                        "tensors": self.whitebox.store.total_bytes},
             "sessions": len(self.sessions), "sessions_by_phase": phases,
             "sessions_by_kv_location": mem.get("sessions_by_kv_location", {}),
+            "sharing": mem.get("sharing", {}),   # KV blocks shared by forks, counted once in kv_device
             "swaps": mem.get("swaps", {}), "bytes_moved": mem.get("bytes_moved", {}),
             "bandwidth_gbps": mem.get("bandwidth_gbps", {}),
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}

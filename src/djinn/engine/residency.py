@@ -15,7 +15,11 @@ Invariants, all under ``self.lock``:
 - a session that is ``busy`` (its turn is running) is never moved; a phase signal that arrives
   meanwhile takes effect when the turn ends;
 - a restore refills ``session.block_table`` in place and bumps ``session.kv_epoch``;
-- nothing here blocks while holding the lock: waiting for a copy happens outside it.
+- nothing here blocks while holding the lock: waiting for a copy happens outside it;
+- blocks may be shared by forks (reference counts in the pool and the arena): a release drops
+  one reference, a shared block is never written (``grow`` copies it first), parking a session
+  copies its own view of a shared block and frees only what no other session holds, and a fork
+  of a parked session shares its host blocks (each sharer's restore makes its own device copy).
 
 Threads: the engine loop (turns, open, close), callers of ``signal`` (``signal_phase`` must return
 at once, so it does not queue behind a running turn on the loop), the pager's copy threads or
@@ -38,6 +42,7 @@ from djinn.config import MemoryConfig
 from djinn.engine.session import Phase, Session
 from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
 from djinn.memory.blocks import BlockPool
+from djinn.memory.cow import copy_blocks, privatize, shared_in_range
 from djinn.memory.host import HostArena
 from djinn.memory.pager import IN, OUT, Pager, Transfer
 from djinn.memory.policy import Action, Candidate, KVState, make_policy
@@ -75,7 +80,8 @@ class Residency:
         self.tiers: dict[str, _Tier] = {}
         self.moves: list[_Move] = []
         self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
-        self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0}
+        self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0,
+                         "forks": 0, "cow_copies": 0}
 
     # ---- set-up -----------------------------------------------------------------------
     def add_model(self, name: str, pool: BlockPool, host_blocks: int) -> HostArena:
@@ -278,22 +284,91 @@ class Residency:
                 room_s += time.perf_counter() - t
 
     def grow(self, s: Session, tokens: int) -> float:
-        """Give ``s`` blocks for ``tokens`` tokens, evicting idle sessions if needed. Returns the
+        """Give ``s`` blocks for ``tokens`` tokens, evicting idle sessions if needed, and make
+        every block its next forward writes (positions ``num_cached .. tokens - 1``) private:
+        a block shared with a fork is copied first (copy-on-write, ``memory.cow``). Every
+        forward path (single-session and batched) calls this before writing K/V. Returns the
         seconds spent waiting for room."""
         waited = 0.0
         while True:
             with self.lock:
                 tier = self.tiers[s.model]
-                need = tier.pool.shape.blocks_for(tokens) - len(s.block_table)
-                if need <= 0:
+                pool = tier.pool
+                extend = max(0, pool.shape.blocks_for(tokens) - len(s.block_table))
+                shared = shared_in_range(pool, s.block_table, s.num_cached, tokens)
+                if extend + len(shared) == 0:
                     return waited
-                waiter = self._room(s.model, need, {s.id})
+                waiter = self._room(s.model, extend + len(shared), {s.id})
                 if waiter is None:
-                    s.block_table.extend(tier.pool.allocate(need))
+                    # _room settled finished copies: a parked sharer may have left a block private
+                    shared = shared_in_range(pool, s.block_table, s.num_cached, tokens)
+                    fresh = pool.allocate(extend + len(shared))
+                    if shared:
+                        privatize(pool, s.block_table, shared, fresh[:len(shared)])
+                        s.kv_epoch += 1
+                        self.counters["cow_copies"] += len(shared)
+                    s.block_table.extend(fresh[len(shared):])
                     return waited
             t = time.perf_counter()
             waiter.wait()
             waited += time.perf_counter() - t
+
+    def fork(self, parent: Session, child: Session, inflight: int = 0) -> None:
+        """Give ``child`` (new, unregistered) ``parent``'s KV without copying it: device blocks
+        and parked host blocks are shared (reference counts), a dropped parent's fork is
+        dropped too (it recomputes the same prefix). ``inflight``: tokens past ``num_cached``
+        whose K/V a paused forward already wrote (layers up to its breakpoint); the blocks
+        holding them are copied, not shared, because the parent's forward goes on writing
+        them. A copy in flight of the parent is waited for first, so the fork starts from a
+        settled state. Sets the child's ``block_table``/``host_table``, ``num_cached``,
+        ``rebuild_to``, ``kv_state`` and registers it."""
+        while True:
+            with self.lock:
+                self._reap()
+                if parent.move is not None:
+                    waiter = parent.move.transfer
+                else:
+                    waiter = self._fork_settled(parent, child, inflight)
+                    if waiter is None:
+                        return
+            waiter.wait()
+
+    def _fork_settled(self, parent: Session, child: Session, inflight: int) -> Transfer | None:
+        tier = self.tiers[parent.model]
+        pool = tier.pool
+        child.num_cached, child.rebuild_to = parent.num_cached, parent.rebuild_to
+        child.kv_ready = parent.kv_ready
+        st = parent.kv_state
+        if st is KVState.PARKED:
+            tier.arena.share(parent.host_table)   # parked KV is only read (by restores): share it all
+            child.host_table = list(parent.host_table)
+            child.block_table = []
+        elif st is KVState.DROPPED:
+            child.block_table, child.host_table = [], []
+        else:
+            bs = pool.shape.block_size
+            if inflight:
+                keep = parent.num_cached // bs
+                copy = parent.block_table[keep:pool.shape.blocks_for(parent.num_cached + inflight)]
+            else:
+                keep, copy = pool.shape.blocks_for(parent.num_cached), []
+            if copy:
+                waiter = self._room(parent.model, len(copy), {parent.id, child.id})
+                if waiter is not None:
+                    return waiter
+            shared = parent.block_table[:keep]
+            fresh = pool.allocate(len(copy)) if copy else []
+            copy_blocks(pool, copy, fresh)
+            pool.share(shared)
+            child.block_table = shared + fresh
+            child.host_table = []
+            if copy and self.pager.cuda:
+                child.kv_ready = torch.cuda.current_stream(self.device).record_event()
+        child.kv_state = st
+        child.kv_epoch = 0
+        tier.sessions[child.id] = child
+        self.counters["forks"] += 1
+        return None
 
     def make_room(self, model: str, blocks: int, protect: set[str] = frozenset(), wait: bool = True) -> None:
         """Make ``blocks`` device blocks of ``model`` free, evicting idle sessions not in
@@ -525,7 +600,18 @@ class Residency:
                 if not m.cancelled:
                     moving += m.transfer.nbytes
             copies = self.pager.stats()
+            used = sum(t.pool.used_count for t in self.tiers.values())
+            shared = sum(t.pool.shared_count for t in self.tiers.values())
+            sharing = {
+                "kv_shared": sum(t.pool.shared_count * t.pool.shape.block_bytes for t in self.tiers.values()),
+                "kv_unshared_equivalent": sum(t.pool.logical_count * t.pool.shape.block_bytes
+                                              for t in self.tiers.values()),
+                "shared_blocks": shared,
+                "sharing_ratio": shared / used if used else 0.0,   # of the device blocks held, shared ones
+                "forks": self.counters["forks"], "cow_copies": self.counters["cow_copies"],
+            }
             return {
+                "sharing": sharing,
                 "policy": self.policy.name,
                 "kv_device": sum(t.pool.used_bytes for t in self.tiers.values()),
                 "kv_device_capacity": sum(t.pool.capacity * t.pool.shape.block_bytes for t in self.tiers.values()),

@@ -9,6 +9,8 @@ Invariants:
 - block 0 is the reserved null block: never handed out, never written by a session (padded
   rows of a batch may point at it);
 - every other block is either free or held, with a reference count >= 1 while held;
+- a block with reference count > 1 is shared (a fork) and is never written: a session about
+  to write into one first takes a private copy (``memory.cow``);
 - the free list is a FIFO deque, so which block a session gets is deterministic.
 
 The pool only accounts; deciding who gets memory is the scheduler's job and moving bytes is
@@ -66,6 +68,8 @@ class BlockPool:
         self.kv = torch.zeros(dims, dtype=shape.dtype, device=self.device, pin_memory=pin_memory)
         self._free: deque[int] = deque(range(1, num_blocks))
         self._refs = [0] * num_blocks
+        self._shared = 0               # blocks held by more than one reference (forks)
+        self._refsum = 0               # references in all: the blocks sessions would hold unshared
         self.high_water = 0            # the most blocks ever held at once (checked by the memory tests)
 
     # ---- accounting -------------------------------------------------------------------
@@ -93,6 +97,16 @@ class BlockPool:
     def refcount(self, block: int) -> int:
         return self._refs[block]
 
+    @property
+    def shared_count(self) -> int:
+        """Blocks held by more than one session (each counted once in ``used_count``)."""
+        return self._shared
+
+    @property
+    def logical_count(self) -> int:
+        """Blocks the holders would need without sharing (the sum of reference counts)."""
+        return self._refsum
+
     # ---- allocation -------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` blocks or none (all-or-nothing); raises CapacityError if short."""
@@ -103,6 +117,7 @@ class BlockPool:
         out = [self._free.popleft() for _ in range(n)]
         for b in out:
             self._refs[b] = 1
+        self._refsum += n
         self.high_water = max(self.high_water, self.used_count)
         return out
 
@@ -112,6 +127,9 @@ class BlockPool:
             if self._refs[b] < 1:
                 raise RuntimeError(f"sharing block {b} that is not held")
             self._refs[b] += 1
+            self._refsum += 1
+            if self._refs[b] == 2:
+                self._shared += 1
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each block; blocks reaching zero return to the free list."""
@@ -119,7 +137,10 @@ class BlockPool:
             if b == self.NULL_BLOCK or self._refs[b] < 1:
                 raise RuntimeError(f"releasing block {b} that is not held")
             self._refs[b] -= 1
-            if self._refs[b] == 0:
+            self._refsum -= 1
+            if self._refs[b] == 1:
+                self._shared -= 1
+            elif self._refs[b] == 0:
                 self._free.append(b)
 
     # ---- views ------------------------------------------------------------------------

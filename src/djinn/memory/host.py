@@ -14,7 +14,8 @@ the chunks are plain (lazily committed) allocations.
 Invariants:
 - block ids are global (``chunk * chunk_blocks + offset``); a run copied at once never crosses a
   chunk;
-- a block is free or held (held by exactly one session or one copy in flight), never both;
+- a block is free or held, never both; a held block has a reference count >= 1: one per session
+  or copy in flight holding it (forks of a parked session share its blocks, never write them);
 - the free set hands out the lowest ids first, so a session's blocks tend to be consecutive and
   its moves coalesce into few large copies.
 
@@ -62,7 +63,7 @@ class HostArena:
         self.dims = (shape.num_layers, 2, shape.block_size, shape.kv_heads, shape.head_dim)
         self._chunks: list[torch.Tensor] = []
         self._free: list[int] = []           # a heap: lowest ids first
-        self._held: set[int] = set()
+        self._held: dict[int, int] = {}      # held block -> reference count (forks share parked KV)
         self._landed = 0
         self._lock = threading.Lock()
         self._stop = False
@@ -143,16 +144,30 @@ class HostArena:
             if n > len(self._free):
                 raise CapacityError(f"host arena is full: need {n} block(s), {len(self._free)} free of {self._landed}")
             out = [heapq.heappop(self._free) for _ in range(n)]
-            self._held.update(out)
+            self._held.update((b, 1) for b in out)
         return out
 
+    def share(self, blocks: list[int]) -> None:
+        """Add one reference to each held block (a fork of a parked session shares its KV)."""
+        with self._lock:
+            for b in blocks:
+                if b not in self._held:
+                    raise RuntimeError(f"sharing host block {b} that is not held")
+                self._held[b] += 1
+
+    def refcount(self, block: int) -> int:
+        return self._held.get(block, 0)
+
     def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; blocks reaching zero are free again."""
         with self._lock:
             for b in blocks:
                 if b not in self._held:
                     raise RuntimeError(f"releasing host block {b} that is not held")
-                self._held.remove(b)
-                heapq.heappush(self._free, b)
+                self._held[b] -= 1
+                if self._held[b] == 0:
+                    del self._held[b]
+                    heapq.heappush(self._free, b)
 
     # ---- views ------------------------------------------------------------------------
     def locate(self, block: int) -> tuple[int, int]:
@@ -179,5 +194,5 @@ class HostArena:
                     pass
         self._chunks = []
         self._free = []
-        self._held = set()
+        self._held = {}
         self._landed = 0

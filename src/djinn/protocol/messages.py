@@ -171,7 +171,8 @@ REPLIES: dict[str, Struct] = {
     }, at_least_one=("logits", "paused", "generation")),
     "fetch": Struct({"tensor": F(tensor_index())}),
     "release": Struct({}),
-    "fork": Struct({"session_id": F(Id())}),
+    # the child session; when the parent was paused at a breakpoint, the child's paused forward
+    "fork": Struct({"session_id": F(Id()), "paused": Opt(Nullable(PAUSED_REF), None)}),
     "close": Struct({}),
     "stats": Struct({"stats": F(Json())}),  # memory by segment, sessions by phase, swaps, ...
     "cancel": Struct({"cancelled": Opt(Bool())}),  # False: nothing in flight had that id

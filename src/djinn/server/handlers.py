@@ -173,9 +173,10 @@ async def op_release(ctx: RequestContext, req: dict, tensors) -> Reply:
 
 
 async def op_fork(ctx: RequestContext, req: dict, tensors) -> Reply:
-    # the owner check first, so a foreign id is "not found" here as everywhere
-    await ctx.engine(ctx.server.engine.session_info, req["session_id"], owner=ctx.owner)
-    raise InvalidRequest("fork is not supported by this server yet; open a new session and replay its prompt")
+    reply = await ctx.engine(ctx.server.engine.fork, req["session_id"], owner=ctx.owner)
+    ctx.hold(req["session_id"])
+    ctx.hold(reply["session_id"])
+    return {k: v for k, v in reply.items() if v is not None}, []
 
 
 async def op_close(ctx: RequestContext, req: dict, tensors) -> Reply:

@@ -44,6 +44,11 @@ class EngineCollector:
         cap.add_metric(["host"], mem.get("kv_host_capacity", 0))
         yield cap
         yield GaugeMetricFamily("djinn_weights_bytes", "Model weight bytes", value=mem.get("weights", 0))
+        sharing = stats.get("sharing", {})
+        yield GaugeMetricFamily("djinn_kv_shared_bytes", "Device KV bytes in blocks shared by forks (counted once)",
+                                value=sharing.get("kv_shared", 0))
+        yield GaugeMetricFamily("djinn_kv_sharing_ratio", "Fraction of held device KV blocks shared by forks",
+                                value=sharing.get("sharing_ratio", 0.0))
         swaps = CounterMetricFamily("djinn_swaps", "KV swaps between device and host", labels=["direction"])
         raw = stats.get("swaps", mem.get("swaps", 0))
         for direction, n in (raw.items() if isinstance(raw, dict) else [("all", raw)]):
