@@ -63,3 +63,12 @@ def djinn_server():
     yield server
     code = server.stop()
     assert code == 0, f"djinn serve exited with {code}:\n{server.output}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop engines some test left running: their daemon threads must not be inside torch when
+    the interpreter exits (that aborts the process after every test has passed)."""
+    from djinn.engine.engine import shutdown_all
+
+    shutdown_all()
+

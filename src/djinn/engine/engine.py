@@ -9,6 +9,7 @@ device) and wait for it. Methods whose name starts with ``_`` run on the loop. T
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -28,6 +29,17 @@ from djinn.engine.session import Phase, Session
 from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
 from djinn.memory.budget import plan, plan_host
+
+
+# Engines not shut down yet. A daemon thread still inside a torch call when the interpreter
+# exits aborts the process; ``shutdown_all`` (tests, CLI exit) stops every engine first.
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def shutdown_all() -> None:
+    """Shut down every engine of this process that is still running."""
+    for engine in list(_LIVE):
+        engine.shutdown()
 
 
 @dataclass
@@ -54,6 +66,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.counters = {"turns": 0, "tokens_generated": 0, "tokens_computed": 0}
         self.loop = EngineLoop()
+        _LIVE.add(self)
         self.residency: Residency | None = None       # where each session's KV lives (first model's device)
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         c = self.config
@@ -176,6 +189,10 @@ class Engine:
             self.loop.shutdown()
             if self.residency is not None:
                 self.residency.close()
+            for rt in self.runtimes.values():   # copy threads must not outlive the engine
+                if rt.streamer is not None:
+                    rt.streamer.close()
+            _LIVE.discard(self)
 
     # ---- loop side -------------------------------------------------------------------
     def runtime(self, model: str) -> ModelRuntime:
