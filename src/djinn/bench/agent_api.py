@@ -63,7 +63,7 @@ town road arm difference value building action model season society tax director
 space ground form event official matter center couple site project activity star table need court oil situation
 cost industry figure street image phone data picture practice piece land product doctor wall patient worker news
 test movie north love support technology step baby computer type attention film tree source organization hair
-window evidence population site""".split())
+window evidence population""".split())
 
 
 def words(ids: list[int]) -> str:
