@@ -75,8 +75,9 @@ PRESETS: dict[str, AgentsPreset] = {
 
 # ``--api openai --quick``: tiny-llama's tokenizer spends about a token per character, so a
 # chat-rendered conversation overruns its 512-token context; SmolLM2-135M (a chat template,
-# 8k context) instead, with a device pool of ~2 agents' conversations (N=4 must park) and host room for ~3.
-OPENAI_QUICK = {"model": "smollm2-135m", "n": (2, 4), "kv_blocks": 48, "host_memory": "64MiB",
+# 8k context) instead, with a device pool of ~2.5 agents' full conversations (N=4 must park or
+# drop) and host room for ~3.
+OPENAI_QUICK = {"model": "smollm2-135m", "n": (2, 4), "kv_blocks": 64, "host_memory": "64MiB",
                 "policy_budget_s": 240.0, "notes": ("CPU smoke run over the OpenAI API: SmolLM2-135M, small KV pool",)}
 
 
