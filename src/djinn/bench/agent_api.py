@@ -31,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -74,9 +75,10 @@ class HttpServer:
     """One ``python -m djinn.server.http`` process on a free loopback port; ``stop()`` ends it."""
 
     def __init__(self, args: list[str], timeout_s: float = 600.0):
-        env = dict(os.environ)
+        # the child inherits this environment (PYTHONPATH, OMP_NUM_THREADS) and so runs this djinn
         self.proc = subprocess.Popen([sys.executable, "-m", "djinn.server.http", "--port", "0", "--token", API_KEY,
-                                      *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=dict(os.environ))
         self.lines: list[str] = []
         self.url: str | None = None
         deadline = time.monotonic() + timeout_s
@@ -92,8 +94,6 @@ class HttpServer:
             self.stop()
             raise RuntimeError("the HTTP server did not start:\n" + "".join(self.lines[-30:]))
         # keep draining its output so a chatty server never blocks on a full pipe
-        import threading
-
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
