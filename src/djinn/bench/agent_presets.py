@@ -12,6 +12,8 @@ Every field can be overridden on the command line; the resolved values go into t
 - ``tools``: tool times 0.1, 1, 10 and 30 s (one sub-sweep each) with contexts growing over 8
   turns, so keeping (short tools), parking (long tools, host room) and dropping each have a
   regime where they win; N in {4, 8} at a budget where 4 agents fit and 8 do not.
+- ``--api openai --quick``: the quick presets on SmolLM2-135M (``OPENAI_QUICK``), since the
+  chat-rendered conversation does not fit tiny-llama's context.
 - ``quick``: tiny-llama on the CPU with a 20-block device KV pool (2-3 agents' worth) that
   forces parking at N=8, N in {2, 4, 8}: the CI smoke run (well under 3 minutes on 2 cores).
 """
@@ -71,11 +73,21 @@ PRESETS: dict[str, AgentsPreset] = {
 }
 
 
-def resolve(name: str, quick: bool, overrides: dict) -> AgentsPreset:
+# ``--api openai --quick``: tiny-llama's tokenizer spends about a token per character, so a
+# chat-rendered conversation overruns its 512-token context; SmolLM2-135M (a chat template,
+# 8k context) instead, with a device pool of ~2.5 agents' full conversations (N=4 must park or
+# drop) and host room for ~3.
+OPENAI_QUICK = {"model": "smollm2-135m", "n": (2, 4), "kv_blocks": 64, "host_memory": "64MiB",
+                "policy_budget_s": 240.0, "notes": ("CPU smoke run over the OpenAI API: SmolLM2-135M, small KV pool",)}
+
+
+def resolve(name: str, quick: bool, overrides: dict, api: str = "native") -> AgentsPreset:
     """The preset ``name`` (its quick variant with ``quick``), with non-None overrides applied."""
     if quick:
         name = "tools-quick" if name == "tools" else "quick"
     preset = PRESETS[name]
+    if quick and api == "openai":
+        preset = replace(preset, **OPENAI_QUICK)
     fields = {k: v for k, v in overrides.items() if v is not None and hasattr(preset, k)}
     for k in ("tools", "n", "policies"):
         if k in fields:

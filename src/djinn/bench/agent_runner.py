@@ -136,10 +136,16 @@ def run_agents(client, model_name: str, plans: list[AgentPlan], opts: RunOptions
     timeline = sampler.stop()
     bar.close()
     after = client.stats()
-    hung = [th.name for th in threads if th.is_alive()]
-    records = list(records)
-    for name in hung:  # threads that never came back: their turns did not complete
-        idx = int(name.split("-")[1])
+    hung = [int(th.name.split("-")[1]) for th in threads if th.is_alive()]
+    return finish_run(plans, list(records), list(spans), hung, wall, cut_short, before, after, sampler, timeline, opts)
+
+
+def finish_run(plans: list[AgentPlan], records: list[TurnRecord], spans: list[tuple[float, float]], hung: list[int],
+               wall: float, cut_short: bool, before: dict, after: dict, sampler: MemorySampler, timeline: list[dict],
+               opts: RunOptions) -> dict[str, Any]:
+    """The run's summary from what its agents recorded (shared by the native and the API runners)."""
+    planned = sum(len(p.prompts) for p in plans)
+    for idx in hung:  # agents that never came back: their turns did not complete
         done = {r.turn for r in records if r.agent == idx}
         records += [TurnRecord(idx, k, False, "hung") for k in range(len(plans[idx].prompts)) if k not in done]
     cut_short = cut_short or any(r.error == "not_run" for r in records)

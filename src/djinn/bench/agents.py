@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-budget-s", type=float, default=None, help="wall-clock bound of one policy's sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", default=None, help="host:port of a running `djinn serve` (one policy per run)")
+    p.add_argument("--api", default="native", choices=["native", "openai"],
+                   help="openai: per policy, start `python -m djinn.server.http` and drive the agents with "
+                        "openai.AsyncOpenAI (whole conversation per request, forced tool calls)")
     p.add_argument("--token", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None)
@@ -86,6 +89,12 @@ def _connect(args: argparse.Namespace, cfg: AgentsPreset, policy: str):
 
 
 def _spec(cfg: AgentsPreset, model, tool: str, n: int, seed: int) -> WorkloadSpec:
+    if model is None:   # --api openai: ids index agent_api.WORDS, one word each
+        from djinn.bench.agent_api import WORDS
+
+        return WorkloadSpec(n=n, rate=cfg.rate, turns=cfg.turns, prompt_tokens=cfg.prompt_tokens,
+                            context_tokens=cfg.context_tokens, new_tokens=cfg.new_tokens, tool=ToolTime.parse(tool),
+                            vocab_size=len(WORDS), seed=seed, time_scale=cfg.time_scale)
     specials = {getattr(model.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     specials |= set(getattr(model.tokenizer, "all_special_ids", None) or [])
     flat: set[int] = set()
@@ -144,20 +153,43 @@ def _line(run: dict) -> str:
             f"{run['wall_s']:.1f} s{' (cut short)' if run['cut_short'] else ''}{' SUSTAINED' if run['sustained'] else ''}")
 
 
+class _Api:
+    """--api openai: one HTTP server process per policy, in the places the native client goes."""
+
+    def __init__(self, cfg: AgentsPreset, policy: str):
+        from djinn.bench import agent_api
+
+        self.mod, self.cfg = agent_api, cfg
+        self.server = agent_api.HttpServer(agent_api.server_args(cfg, policy))
+        self.stats = agent_api.ApiStats(self.server).stats
+
+    def warmup(self, spec: WorkloadSpec) -> float:
+        plan = build(WorkloadSpec(**{**asdict(spec), "n": 1, "tool": spec.tool, "seed": spec.seed + 10_000}))[0]
+        return self.mod.warmup_api(self.server, self.cfg.model, plan)
+
+    def run(self, plans, opts: RunOptions) -> dict:
+        return self.mod.run_agents_api(self.server, self.cfg.model, plans, opts)
+
+    def close(self) -> None:
+        self.server.stop()
+
+
 def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tuple[list[dict], str]:
     """Every (tool, N) run of one policy on one fresh engine; returns the runs and the device."""
     budget_end = time.perf_counter() + cfg.policy_budget_s
     runs: list[dict] = []
+    api = getattr(args, "api", "native") == "openai"
     try:
-        client = _connect(args, cfg, policy)
-    except djinn.DjinnError as exc:
+        client = _Api(cfg, policy) if api else _connect(args, cfg, policy)
+    except (djinn.DjinnError, RuntimeError) as exc:
         print(f"[{policy}] could not start: {exc}")
         return [{"policy": policy, "error": f"{type(exc).__name__}: {exc}"}], "cpu"
     try:
-        model = client.model(cfg.model)
-        device = str(client.stats().get("device", cfg.device))
-        max_ctx = getattr(model.config, "max_position_embeddings", None)
-        cuda_peak = args.address is None and device.startswith("cuda") and torch.cuda.is_available()
+        model = None if api else client.model(cfg.model)
+        device = ("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device) if api else \
+            str(client.stats().get("device", cfg.device))
+        max_ctx = None if api else getattr(model.config, "max_position_embeddings", None)
+        cuda_peak = not api and args.address is None and device.startswith("cuda") and torch.cuda.is_available()
         host_wait = wait_host_ready(client)
         if host_wait and host_wait > 0.5:
             print(f"[{policy}] waited {host_wait:.1f} s for the host arena to be pinned")
@@ -173,8 +205,8 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
                 spec.validate(max_ctx)
                 if turn_s is None:
                     try:
-                        turn_s = _warmup(client, cfg, spec)
-                    except djinn.DjinnError as exc:   # e.g. not even one agent fits: data, not a crash
+                        turn_s = client.warmup(spec) if api else _warmup(client, cfg, spec)
+                    except (djinn.DjinnError, RuntimeError) as exc:   # e.g. not even one agent fits: data, not a crash
                         runs.append({"policy": policy, "tool": tool, "n": n,
                                      "error": f"warm-up failed: {type(exc).__name__}: {exc}"})
                         print(f"[{policy} {tool}] warm-up failed: {exc}")
@@ -191,7 +223,7 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
                                   label=f"{policy} {tool} n={n}", cuda_peak=cuda_peak)
                 run = {"policy": policy, "tool": tool, "tool_mean_s": ToolTime.parse(tool).mean * cfg.time_scale,
                        "n": n, "deadline_s": opts.deadline_s, "host_arena_wait_s": host_wait,
-                       **run_agents(client, cfg.model, plans, opts)}
+                       **(client.run(plans, opts) if api else run_agents(client, cfg.model, plans, opts))}
                 runs.append(run)
                 done.append(run)
                 print(_line(run), flush=True)
@@ -224,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                                                "prompt_tokens", "context_tokens", "new_tokens", "tools", "time_scale",
                                                "model", "device", "dtype", "gpu_memory", "host_memory", "kv_blocks",
                                                "slo_ms", "policy_budget_s")}
-    cfg = resolve(args.preset, args.quick, overrides)
+    cfg = resolve(args.preset, args.quick, overrides, api=args.api)
+    if args.address and args.api == "openai":
+        raise djinn.InvalidRequest("--api openai starts its own HTTP server per policy: leave out --address")
     if args.address and len(cfg.policies) != 1:
         raise djinn.InvalidRequest("with --address, name the server's one policy: --policies POLICY")
     for t in cfg.tools:
@@ -243,14 +277,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     measured = [r for r in runs if r.get("tool_to_compute_ratio") is not None]
     ratio = sum(r["tool_to_compute_ratio"] for r in measured) / len(measured) if measured else None
-    params = {**asdict(cfg), "preset": cfg.name, "seed": args.seed, "address": args.address,
+    # runs over the API are their own preset to `bench plot`, so they never replace native runs
+    label = cfg.name + ("-openai" if args.api == "openai" else "")
+    params = {**asdict(cfg), "preset": label, "seed": args.seed, "address": args.address,
               "tool_to_compute_ratio_mean": ratio,
               "arrival_rate_as_run_per_s": cfg.rate / cfg.time_scale if cfg.rate > 0 else None,
               "time_scale_applies_to": "arrival gaps and tool times (compute is never scaled)",
-              "mode": "remote" if args.address else "embedded"}
-    results = {"policies": summarize_policies(runs), "runs": runs}
+              "mode": "http" if args.api == "openai" else "remote" if args.address else "embedded",
+              "api": args.api}
+    for r in runs:
+        r["api"] = args.api
+    results = {"policies": summarize_policies(runs), "runs": runs, "api": args.api}
     dev = torch.device(device) if device.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
-    write(record("agents", dev, params, results), args.out, stem=f"agents-{cfg.name}")
+    write(record("agents", dev, params, results), args.out, stem=f"agents-{label}")
     for policy, tools in results["policies"].items():
         for tool, d in tools.items():
             print(f"{policy} {tool}: largest N sustained {d['max_sustained_n']}, first N not {d['first_unsustained_n']}")
