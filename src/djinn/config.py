@@ -92,6 +92,8 @@ class ServerConfig:
     lease_seconds: float = 300.0       # a dropped connection's sessions live this long
     max_message_bytes: int = 256 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0   # on SIGINT/SIGTERM, in-flight requests get this long to finish
+    journal: str | None = None         # SQLite file of committed session histories (server/journal.py)
+    journal_sync: str = "normal"       # "normal": survives a process crash; "full": also a machine crash
 
 
 @dataclass

@@ -88,11 +88,15 @@ def _start_http(engine: Engine, config: Config, loop: asyncio.AbstractEventLoop)
     return f"HTTP API (OpenAI-compatible): http://{_where(host, port)}/v1"
 
 
-async def run_server(engine: Engine, config: Config) -> None:
-    """Serve until SIGINT/SIGTERM, then shut the server down: the event-loop part of ``serve``."""
+async def run_server(engine: Engine, config: Config, restored: list[tuple[str, str]] = ()) -> None:
+    """Serve until SIGINT/SIGTERM, then shut the server down: the event-loop part of ``serve``.
+    ``restored``: ``(session_id, owner)`` of sessions the journal brought back; each starts a
+    lease at once, so one whose client never returns is closed like any abandoned session."""
     loop = asyncio.get_running_loop()
     server = NativeServer(engine, config.server)
     address = await server.start()
+    for sid, owner in restored:
+        server.leases.hold(sid, owner, conn=-1)   # no live connection holds it: its lease runs
     http = _start_http(engine, config, loop)
     print(banner(engine, config, address, http), flush=True)
     stop = asyncio.Event()
@@ -146,10 +150,24 @@ def serve(config: Config) -> int:
     t0 = time.perf_counter()
     engine = build_engine(config)
     print(f"djinn: loaded {', '.join(engine.runtimes)} in {time.perf_counter() - t0:.1f} s", flush=True)
+    journal, restored = None, []
+    if s.journal:
+        from djinn.server.journal import Journal
+
+        journal = Journal(s.journal, s.journal_sync)
+        restored = journal.restore(engine)
+        journal.attach(engine)
+        print(f"djinn: journal {s.journal}: {len(restored)} session(s) restored"
+              + (f", {journal.counters['restore_skipped']} skipped" if journal.counters["restore_skipped"] else ""),
+              flush=True)
     try:
-        asyncio.run(run_server(engine, config))
+        asyncio.run(run_server(engine, config, restored))
     finally:
+        if journal is not None:
+            journal.detach(engine)   # closing every session at shutdown must not empty the journal
         done = _stop_engine(engine)
+        if journal is not None:
+            journal.close()
         print("djinn: stopped; every session closed and its memory released" if done else
               "djinn: stopped; the engine was still busy with a request and is abandoned with the process",
               flush=True)
