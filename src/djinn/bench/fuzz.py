@@ -76,11 +76,16 @@ def _mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrateg
     return st.integers(0, 4).flatmap(lambda i: bad if i == 0 else good)
 
 
-def _plausible(name: str, live: dict[str, str]) -> st.SearchStrategy:
-    """A value of the right kind for field ``name``: mostly valid, sometimes out of range."""
+LIVE = {"session": "\x00live:session", "tensor": "\x00live:tensor", "paused": "\x00live:paused"}
+
+
+def _plausible(name: str) -> st.SearchStrategy:
+    """A value of the right kind for field ``name``: mostly valid, sometimes out of range. Ids the
+    server handed out are drawn as ``LIVE`` placeholders and filled in when the case is sent (a
+    strategy must not depend on state outside hypothesis)."""
     def ids(key: str) -> st.SearchStrategy:
-        known = [live[k] for k in (key, "session", "tensor", "paused") if k in live]
-        return _mostly(st.sampled_from(known or ["x"]), st.text(max_size=40))
+        return _mostly(st.sampled_from([LIVE[key]] * 3 + [v for k, v in LIVE.items() if k != key]),
+                       st.text(max_size=40))
 
     table: dict[str, st.SearchStrategy] = {
         "session_id": ids("session"), "tensor_id": ids("tensor"), "paused_id": ids("paused"),
@@ -114,7 +119,7 @@ def tensor(draw) -> torch.Tensor:
 
 
 @st.composite
-def request(draw, live: dict[str, str]) -> tuple[dict, list[torch.Tensor]]:
+def request(draw) -> tuple[dict, list[torch.Tensor]]:
     op = draw(st.sampled_from(sorted(REQUESTS) + ["bogus", ""]))
     fields = getattr(REQUESTS.get(op), "fields", None) or {}
     header: dict[str, Any] = {"op": op}
@@ -122,7 +127,7 @@ def request(draw, live: dict[str, str]) -> tuple[dict, list[torch.Tensor]]:
     for name in fields:
         how = draw(st.sampled_from(["plausible"] * (6 if wild else 40) + ["absent", "junk"]))
         if how != "absent":
-            header[name] = draw(_plausible(name, live) if how == "plausible" else junk)
+            header[name] = draw(_plausible(name) if how == "plausible" else junk)
     if draw(st.integers(0, 9)) == 0:
         header[draw(st.text(max_size=8))] = draw(junk)       # a field no op has
     return header, draw(st.lists(tensor(), max_size=2))
@@ -228,7 +233,10 @@ class Fuzzer:
         self.out.count("request")
         sock = self._session()
         rid = next(self.ids)
-        header = {**header, "id": rid}
+        names = {v: k for k, v in LIVE.items()}
+        header = {k: (self.live.get(names[v], "none-yet") if isinstance(v, str) and v in names else v)
+                  for k, v in header.items()}
+        header["id"] = rid
         try:
             parts = encode_message(header, tensors)
         except (errors.DjinnError, TypeError, ValueError, OverflowError):
@@ -307,7 +315,7 @@ def run_fuzz(fuzzer: Fuzzer, requests: int, raw: int, seed: int = 0) -> Outcome:
     @settings(max_examples=requests, **common)
     @given(st.data())
     def structured(data):
-        header, tensors = data.draw(request(fuzzer.live or {"session": "x"}))
+        header, tensors = data.draw(request())
         fuzzer.request_case(header, tensors)
 
     @hseed(seed + 1)
