@@ -19,15 +19,19 @@ _CONTENT = {"anyOf": [{"type": "string"},
                       {"type": "array", "items": {"type": "object", "properties": {
                           "type": {"type": "string", "enum": ["text", "input_text", "output_text"]},
                           "text": {"type": "string"}}, "required": ["type", "text"]}}]}
-_MESSAGE = {"type": "object", "required": ["role"], "properties": {
-    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-    "content": {"nullable": True, **_CONTENT},
-    "name": {"type": "string"},
-    "tool_call_id": {"type": "string"},
-    "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
-        "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
-        "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
-}}
+# a tool result must answer a call an earlier assistant message made: a context rule a schema
+# cannot state, so tool messages are left to the negative cases
+_MESSAGE = {"oneOf": [
+    {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user"]}, "content": _CONTENT,
+        "name": {"type": "string"}}},
+    {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
+        "role": {"type": "string", "enum": ["assistant"]}, "content": _CONTENT,
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "properties": {"name": {"type": "string"},
+                                                          "arguments": {"type": "string"}}}}}}}},
+]}
 _FUNCTION = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
     "parameters": {"type": "object"}}}
@@ -46,11 +50,10 @@ _SAMPLING = {
     "tools": {"type": "array", "items": _TOOL}, "tool_choice": _TOOL_CHOICE,
     "parallel_tool_calls": {"type": "boolean"},
 }
-CHAT_BODY = {"type": "object", "required": ["model", "messages"], "properties": {
+CHAT_BODY = {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": {
     "model": {"type": "string"},
     "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "stop": _STOP,
     "max_tokens": {"type": "integer", "minimum": 1, "nullable": True},
     "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
@@ -58,7 +61,7 @@ CHAT_BODY = {"type": "object", "required": ["model", "messages"], "properties": 
     "n": {"type": "integer", "enum": [1]},
     **_SAMPLING,
 }}
-RESPONSES_BODY = {"type": "object", "required": ["model", "input"], "properties": {
+RESPONSES_BODY = {"type": "object", "required": ["model", "input"], "additionalProperties": False, "properties": {
     "model": {"type": "string"},
     "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]}, "content": _CONTENT,
@@ -85,15 +88,22 @@ def _op(summary: str, body: dict | None = None, params: tuple[str, ...] = ()) ->
     return op
 
 
-def openapi_schema() -> dict[str, Any]:
+def openapi_schema(models: list[str] | None = None) -> dict[str, Any]:
+    """The document; ``models``: the names this server loaded (the ``model`` fields' enum)."""
+    import copy
+
+    chat, responses = copy.deepcopy(CHAT_BODY), copy.deepcopy(RESPONSES_BODY)
+    if models:
+        for body in (chat, responses):
+            body["properties"]["model"]["enum"] = list(models)
     return {
         "openapi": "3.0.3",
         "info": {"title": "Djinn OpenAI-compatible API", "version": "1"},
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
         "paths": {
-            "/v1/chat/completions": {"post": _op("a chat turn", CHAT_BODY)},
-            "/v1/responses": {"post": _op("a Responses API turn", RESPONSES_BODY)},
+            "/v1/chat/completions": {"post": _op("a chat turn", chat)},
+            "/v1/responses": {"post": _op("a Responses API turn", responses)},
             "/v1/responses/{rid}": {"get": _op("a stored response", params=("rid",)),
                                     "delete": _op("delete a stored response", params=("rid",))},
             "/v1/models": {"get": _op("the loaded models")},
