@@ -238,9 +238,11 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
                     break
                 except httpx.HTTPError:
                     time.sleep(0.2)
+        soak = Soak(srv.address, url, seed, check_every, 0.0)
+        soak._ref([5, 6], 2)             # load the reference model now: not inside the first tenth's latencies
         t0 = time.monotonic()
+        soak.deadline = t0 + minutes * 60
         samples: list[tuple[float, int, int]] = []      # (s since start, threads, fds) of the server
-        soak = Soak(srv.address, url, seed, check_every, t0 + minutes * 60)
         pool = [threading.Thread(target=soak.native_worker, args=(i,), daemon=True) for i in range(workers)]
         pool += [threading.Thread(target=soak.http_worker, args=(i,), daemon=True) for i in range(http_workers)]
         for th in pool:

@@ -13,8 +13,8 @@ Owns the server's limits (``ServerConfig``; ``djinn serve --max-queued``,
 - *tokens per request*: a generate whose prompt plus ``max_new_tokens`` exceeds
   ``max_tokens_per_request`` is an InvalidRequest (retrying cannot help: it names the limit).
 
-Runs on the server's asyncio loop, except ``started`` / ``done`` which the engine thread may
-call; the counter is guarded by a lock.
+Runs on the server's asyncio loop, except ``Ticket.release`` and ``check_sessions``, which run
+on the engine thread; the counters are guarded by a lock.
 """
 
 from __future__ import annotations
@@ -62,13 +62,15 @@ class Admission:
         # token is at least one character for the tokenizers djinn loads, so this never under-counts
         n = len(prompt) + max_new_tokens
         if n > limit:
-            self.rejected["tokens"] += 1
+            with self._lock:
+                self.rejected["tokens"] += 1
             raise InvalidRequest(f"the request asks for up to {n} tokens (prompt + max_new_tokens); this server "
                                  f"allows {limit} per request (--max-tokens-per-request)")
 
     def check_sessions(self, owned: int) -> None:
         if owned >= self.max_sessions_per_key:
-            self.rejected["sessions"] += 1
+            with self._lock:
+                self.rejected["sessions"] += 1
             raise CapacityError(f"this key owns {owned} sessions, the most this server allows "
                                 f"(--max-sessions-per-key {self.max_sessions_per_key}); close one first")
 

@@ -122,9 +122,11 @@ async def op_model_info(ctx: RequestContext, req: dict, tensors) -> Reply:
 async def op_session_open(ctx: RequestContext, req: dict, tensors) -> Reply:
     engine, sid = ctx.server.engine, req["session_id"]
     if sid is None:
-        owned = await ctx.engine(lambda: sum(1 for s in list(engine.sessions.values()) if s.owner == ctx.owner))
-        ctx.server.admission.check_sessions(owned)
-        sid = await ctx.engine(engine.open_session, req["model"], owner=ctx.owner)
+        def open_within_limit() -> str:   # on the engine loop: counting and opening are one step
+            ctx.server.admission.check_sessions(sum(1 for s in engine.sessions.values() if s.owner == ctx.owner))
+            return engine.open_session(req["model"], owner=ctx.owner)
+
+        sid = await ctx.engine(open_within_limit)
     else:
         if ctx.server.leases.expiring(sid):
             raise SessionNotFound(f"session {sid}: its lease ended and it was closed; open a new session")
