@@ -38,6 +38,12 @@ def _config(args: argparse.Namespace) -> Config:
                           token=args.token if getattr(args, "token", None) is not None
                           else os.environ.get("DJINN_TOKEN") or None,
                           http_port=getattr(args, "http_port", None))
+    for name in ("max_queued", "max_sessions_per_key", "max_tokens_per_request"):
+        if getattr(args, name, None) is not None:
+            setattr(server, name, getattr(args, name))
+    if getattr(args, "journal", None) is not None:
+        server.journal = args.journal
+        server.journal_sync = args.journal_sync
     if getattr(args, "lease", None) is not None:
         server.lease_seconds = args.lease
     if getattr(args, "max_message_size", None) is not None:
@@ -66,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a dropped client's sessions wait for it to reconnect (default 300)")
     serve.add_argument("--max-message-size", default=None, metavar="SIZE",
                        help="largest message a client may send or receive (default 256MiB)")
+    serve.add_argument("--max-queued", type=int, default=None, metavar="N",
+                       help="compute requests that may wait for the engine; more get CapacityError (default 256)")
+    serve.add_argument("--max-sessions-per-key", type=int, default=None, metavar="N",
+                       help="sessions one token / client key may own at once (default 1024)")
+    serve.add_argument("--max-tokens-per-request", type=int, default=None, metavar="N",
+                       help="prompt + max_new_tokens of one generate (default: the model's context)")
+    serve.add_argument("--journal", default=None, metavar="PATH",
+                       help="record each session's committed history in this SQLite file; a restarted server "
+                            "continues those sessions (their KV is recomputed on first use)")
+    serve.add_argument("--journal-sync", default="normal", choices=["normal", "full"],
+                       help="normal: survives a process crash; full: fsync every turn, survives a machine crash")
     serve.add_argument("--kv-blocks", type=int, default=None,
                        help="explicit number of device KV blocks per model (overrides the budget; tests)")
     _engine_args(serve)

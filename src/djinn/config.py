@@ -96,6 +96,11 @@ class ServerConfig:
     lease_seconds: float = 300.0       # a dropped connection's sessions live this long
     max_message_bytes: int = 256 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0   # on SIGINT/SIGTERM, in-flight requests get this long to finish
+    max_queued: int = 256              # compute requests waiting for the engine; more get CapacityError
+    max_sessions_per_key: int = 1024   # sessions one principal (token / client key) may own at once
+    max_tokens_per_request: int | None = None   # prompt + max_new_tokens of one generate (None: the context)
+    journal: str | None = None         # SQLite file of committed session histories (server/journal.py)
+    journal_sync: str = "normal"       # "normal": survives a process crash; "full": also a machine crash
 
 
 @dataclass

@@ -29,6 +29,7 @@ from djinn.engine.session import Phase, Session
 from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
 from djinn.memory.budget import plan, plan_host
+from djinn.memory.policy import KVState
 
 
 # Engines not shut down yet. A daemon thread still inside a torch call when the interpreter
@@ -72,6 +73,10 @@ class Engine:
         c = self.config
         self.batcher = Batcher(self, c.prefill_chunk_tokens, c.max_batch, c.cuda_graphs)
         self.loop.set_stepper(self.batcher.has_work, self.batcher.step)
+        # persistence hooks (server/journal.py), called on the loop: after a turn commits or a
+        # truncation, ``on_commit(session)``; after a close, ``on_close(session_id)``
+        self.on_commit = None
+        self.on_close = None
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
 
@@ -156,6 +161,12 @@ class Engine:
         (engine/fork.py): ``{"session_id", "paused"}``; ``paused`` is the child's paused_ref
         when the session was paused at a breakpoint (the child is paused at the same point)."""
         return self.loop.call(fork_session, self, session_id, owner)
+    def restore_session(self, session_id: str, model: str, owner: str | None, tokens: list[int],
+                        messages: list[dict], ended_with_eos: bool = False, turns: int = 0, cached: int = 0) -> None:
+        """Re-create a journaled session (server/journal.py) with its KV dropped: its next turn
+        recomputes ``tokens[:cached]`` first, as after a drop."""
+        self.loop.call(self._restore_session, session_id, model, owner, list(tokens), list(messages),
+                       ended_with_eos, turns, cached)
 
     def session_info(self, session_id: str, owner: str | None = None) -> dict:
         return self.loop.call(lambda: self._describe(self._session(session_id, owner)))
@@ -225,6 +236,21 @@ class Engine:
         self._free_kv(s)
         s.phase = Phase.CLOSED
         del self.sessions[s.id]
+        if self.on_close is not None:
+            self.on_close(s.id)
+
+    def _restore_session(self, sid: str, model: str, owner: str | None, tokens: list[int], messages: list[dict],
+                         ended_with_eos: bool, turns: int, cached: int) -> None:
+        self.runtime(model)
+        if sid in self.sessions:
+            raise InvalidRequest(f"session {sid!r} exists already")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise CapacityError(f"too many sessions ({self.config.max_sessions}); close some first")
+        s = Session(model=model, owner=owner, id=sid, tokens=tokens, messages=messages,
+                    ended_with_eos=ended_with_eos, turns=turns)
+        self.residency.register(s)
+        s.kv_state, s.rebuild_to = KVState.DROPPED, max(0, min(cached, len(tokens)))
+        self.sessions[sid] = s
 
     def _truncate(self, session_id: str, length: int, owner: str | None) -> None:
         s = self._session(session_id, owner)
@@ -240,6 +266,8 @@ class Engine:
         s.messages = []
         s.ended_with_eos = False
         s.touch()
+        if self.on_commit is not None:
+            self.on_commit(s)
 
     def _close_all(self) -> None:
         for sid in list(self.sessions):
@@ -336,6 +364,8 @@ class Engine:
         result.timings["total_ms"] = (time.perf_counter() - turn.submitted) * 1e3
         self.counters["turns"] += 1
         self.counters["tokens_generated"] += len(result.token_ids)
+        if self.on_commit is not None:
+            self.on_commit(s)
         return result
 
     @torch.inference_mode()

@@ -37,6 +37,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+MIN_TEMPERATURE = 1e-4   # below this, sampling is argmax in float32 anyway
+
+
 class Sampler:
     """Per-request sampler; holds the request's own random generator so runs repeat by seed."""
 
@@ -50,7 +53,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits``: [B, vocab] (float). Returns [B] token ids."""
         p = self.params
-        if p.greedy:
+        if p.greedy or p.temperature < MIN_TEMPERATURE:   # dividing by it would overflow to inf (NaN probs)
             return logits.argmax(dim=-1)
         logits = logits.float() / p.temperature
         if p.top_k > 0 and p.top_k < logits.shape[-1]:
@@ -61,6 +64,8 @@ class Sampler:
             probs = sorted_logits.softmax(dim=-1)
             # drop a token when the mass before it already reaches top_p (the first always stays)
             drop = probs.cumsum(dim=-1) - probs >= p.top_p
+            # ... also when top_p is below float32's smallest value (it compares as 0): found by fuzzing
+            drop[..., 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(dim=-1)

@@ -61,6 +61,10 @@ def banner(engine: Engine, config: Config, address: tuple[str, int], http: str |
                  f"server-side tensors up to {_mib(engine.config.max_tensor_bytes_per_session)} per session")
     lines.append("  auth: " + ("token required in hello" if s.token else "no token (loopback only)")
                  + f"; session lease {s.lease_seconds:g} s; max message {_mib(s.max_message_bytes)}")
+    lines.append(f"  limits: {s.max_queued} queued requests, {s.max_sessions_per_key} sessions per key, "
+                 + (f"{s.max_tokens_per_request} tokens per request" if s.max_tokens_per_request else
+                    "tokens per request up to the context")
+                 + (f"; journal {s.journal}" if s.journal else ""))
     if http:
         lines.append(f"  {http}")
     lines.append("  stop with Ctrl-C or SIGTERM")
@@ -88,11 +92,15 @@ def _start_http(engine: Engine, config: Config, loop: asyncio.AbstractEventLoop)
     return f"HTTP API (OpenAI-compatible): http://{_where(host, port)}/v1"
 
 
-async def run_server(engine: Engine, config: Config) -> None:
-    """Serve until SIGINT/SIGTERM, then shut the server down: the event-loop part of ``serve``."""
+async def run_server(engine: Engine, config: Config, restored: list[tuple[str, str]] = ()) -> None:
+    """Serve until SIGINT/SIGTERM, then shut the server down: the event-loop part of ``serve``.
+    ``restored``: ``(session_id, owner)`` of sessions the journal brought back; each starts a
+    lease at once, so one whose client never returns is closed like any abandoned session."""
     loop = asyncio.get_running_loop()
     server = NativeServer(engine, config.server)
     address = await server.start()
+    for sid, owner in restored:
+        server.leases.hold(sid, owner, conn=-1)   # no live connection holds it: its lease runs
     http = _start_http(engine, config, loop)
     print(banner(engine, config, address, http), flush=True)
     stop = asyncio.Event()
@@ -135,6 +143,9 @@ def serve(config: Config) -> int:
     check_bind(s.host, s.token)
     if s.lease_seconds < 0 or s.shutdown_grace_seconds < 0:
         raise InvalidRequest("--lease and the shutdown grace must be >= 0 seconds")
+    if s.max_queued < 1 or s.max_sessions_per_key < 1 or (s.max_tokens_per_request is not None
+                                                           and s.max_tokens_per_request < 2):
+        raise InvalidRequest("--max-queued and --max-sessions-per-key must be >= 1, --max-tokens-per-request >= 2")
     if s.max_message_bytes < 1 << 16:
         raise InvalidRequest("--max-message-size must be at least 64KiB")
     if s.token is not None and len(s.token) < 16:
@@ -146,10 +157,24 @@ def serve(config: Config) -> int:
     t0 = time.perf_counter()
     engine = build_engine(config)
     print(f"djinn: loaded {', '.join(engine.runtimes)} in {time.perf_counter() - t0:.1f} s", flush=True)
+    journal, restored = None, []
+    if s.journal:
+        from djinn.server.journal import Journal
+
+        journal = Journal(s.journal, s.journal_sync)
+        restored = journal.restore(engine)
+        journal.attach(engine)
+        print(f"djinn: journal {s.journal}: {len(restored)} session(s) restored"
+              + (f", {journal.counters['restore_skipped']} skipped" if journal.counters["restore_skipped"] else ""),
+              flush=True)
     try:
-        asyncio.run(run_server(engine, config))
+        asyncio.run(run_server(engine, config, restored))
     finally:
+        if journal is not None:
+            journal.detach(engine)   # closing every session at shutdown must not empty the journal
         done = _stop_engine(engine)
+        if journal is not None:
+            journal.close()
         print("djinn: stopped; every session closed and its memory released" if done else
               "djinn: stopped; the engine was still busy with a request and is abandoned with the process",
               flush=True)

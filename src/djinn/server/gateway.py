@@ -43,16 +43,22 @@ class EngineGateway:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    async def call(self, fn: Callable[..., Any], *args: Any, record: EngineCall | None = None, **kwargs: Any) -> Any:
-        """Run ``fn(*args, **kwargs)`` on the engine loop and await its result."""
+    async def call(self, fn: Callable[..., Any], *args: Any, record: EngineCall | None = None, ticket=None,
+                   **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the engine loop and await its result. ``ticket``: its
+        place in the admitted queue (server/admission.py), given back when the engine starts it."""
         rec = record if record is not None else EngineCall()
         rec.submitted = time.perf_counter()
 
         def run() -> Any:
             rec.started = time.perf_counter()
+            if ticket is not None:
+                ticket.release()
             return fn(*args, **kwargs)
 
         rec.future = self.engine.loop.submit(run)
+        if ticket is not None:
+            ticket.watch(rec.future)
         # cancelling the awaiting task cancels rec.future too (wrap_future chains them);
         # that only succeeds while it is still queued
         result = await asyncio.wrap_future(rec.future)

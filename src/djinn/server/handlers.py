@@ -42,6 +42,14 @@ class RequestContext:
     async def engine(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await self.server.gateway.call(fn, *args, record=self.call, **kwargs)
 
+    async def work(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A compute request: admitted into the engine's bounded queue, or CapacityError at once."""
+        ticket = self.server.admission.admit()
+        try:
+            return await self.server.gateway.call(fn, *args, record=self.call, ticket=ticket, **kwargs)
+        finally:
+            ticket.release()
+
     def hold(self, session_id: str) -> None:
         self.server.leases.hold(session_id, self.owner, self.conn)
 
@@ -114,7 +122,11 @@ async def op_model_info(ctx: RequestContext, req: dict, tensors) -> Reply:
 async def op_session_open(ctx: RequestContext, req: dict, tensors) -> Reply:
     engine, sid = ctx.server.engine, req["session_id"]
     if sid is None:
-        sid = await ctx.engine(engine.open_session, req["model"], owner=ctx.owner)
+        def open_within_limit() -> str:   # on the engine loop: counting and opening are one step
+            ctx.server.admission.check_sessions(sum(1 for s in engine.sessions.values() if s.owner == ctx.owner))
+            return engine.open_session(req["model"], owner=ctx.owner)
+
+        sid = await ctx.engine(open_within_limit)
     else:
         if ctx.server.leases.expiring(sid):
             raise SessionNotFound(f"session {sid}: its lease ended and it was closed; open a new session")
@@ -126,7 +138,8 @@ async def op_session_open(ctx: RequestContext, req: dict, tensors) -> Reply:
 
 
 async def op_generate(ctx: RequestContext, req: dict, tensors) -> Reply:
-    result = await ctx.engine(ctx.server.engine.submit_generate, req["session_id"], generate_request(req, tensors),
+    ctx.server.admission.check_tokens(req["prompt"], req["max_new_tokens"])
+    result = await ctx.work(ctx.server.engine.submit_generate, req["session_id"], generate_request(req, tensors),
                               owner=ctx.owner)
     ctx.hold(req["session_id"])
     return generation_reply(result, ctx.call.queued_s), []
@@ -141,7 +154,7 @@ async def op_signal_phase(ctx: RequestContext, req: dict, tensors) -> Reply:
 async def op_forward(ctx: RequestContext, req: dict, tensors) -> Reply:
     ids = req["input_ids"]
     ids = tensors[ids] if isinstance(ids, int) else ids
-    reply = await ctx.engine(ctx.server.engine.forward, req["session_id"], ids, req["breakpoint"],
+    reply = await ctx.work(ctx.server.engine.forward, req["session_id"], ids, req["breakpoint"],
                              interventions(req.get("interventions", []), tensors), owner=ctx.owner)
     ctx.hold(req["session_id"])
     return reply, []
@@ -151,14 +164,14 @@ async def op_resume(ctx: RequestContext, req: dict, tensors) -> Reply:
     act = req["activation"]
     if isinstance(act, int):
         act = tensors[act]
-    reply = await ctx.engine(ctx.server.engine.resume, req["paused_id"], act, list(tensors), owner=ctx.owner)
+    reply = await ctx.work(ctx.server.engine.resume, req["paused_id"], act, list(tensors), owner=ctx.owner)
     out = _resumed(reply, ctx.call.queued_s)
     _hold_refs(ctx, out)
     return out, []
 
 
 async def op_fetch(ctx: RequestContext, req: dict, tensors) -> Reply:
-    value = await ctx.engine(ctx.server.engine.fetch, req["tensor_id"], req["expr"], list(tensors), owner=ctx.owner)
+    value = await ctx.work(ctx.server.engine.fetch, req["tensor_id"], req["expr"], list(tensors), owner=ctx.owner)
     size = value.numel() * value.element_size()
     limit = ctx.server.config.max_message_bytes
     if size + 4096 > limit:

@@ -25,6 +25,7 @@ from djinn.config import ServerConfig
 from djinn.engine import Engine
 from djinn.errors import ModelNotFound
 from djinn.server.connection import Connection
+from djinn.server.admission import Admission
 from djinn.server.gateway import EngineGateway
 from djinn.server.handlers import model_config, model_files
 from djinn.server.leases import Leases
@@ -38,6 +39,7 @@ class NativeServer:
         self.engine = engine
         self.config = config
         self.gateway = EngineGateway(engine)
+        self.admission = Admission(config.max_queued, config.max_sessions_per_key, config.max_tokens_per_request)
         self.leases = Leases(config.lease_seconds, self._expire)
         self.connections: set[Connection] = set()
         self.stopping = False
@@ -106,7 +108,7 @@ class NativeServer:
         return self._model_info[name]
 
     def stats(self) -> dict[str, Any]:
-        return {"connections": len(self.connections), **self.leases.stats()}
+        return {"connections": len(self.connections), **self.leases.stats(), "admission": self.admission.stats()}
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` s, fail the rest."""

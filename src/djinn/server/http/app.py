@@ -40,6 +40,9 @@ def _http_config(config) -> HttpConfig:
     return HttpConfig(api_keys=[token] if token else None)
 
 
+RETRY_AFTER_S = 1     # seconds a 429 asks the client to wait: about one turn of a loaded server
+
+
 def owner_of(key: str) -> str:
     """Sessions are scoped by a digest of the API key (the key itself is never kept)."""
     return "http:" + hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -71,14 +74,18 @@ def create_app(engine, config=None) -> FastAPI:
     app.state.frontend = fe
     started = int(time.time())
 
+    def _reply(err: APIError) -> JSONResponse:
+        # over capacity: tell clients (and the OpenAI SDK's retry logic) when to come back
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
+        return JSONResponse(error_body(err), status_code=err.status, headers=headers)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(error_body(exc), status_code=exc.status)
+        return _reply(exc)
 
     @app.exception_handler(DjinnError)
     async def _djinn_error(request: Request, exc: DjinnError):
-        err = from_djinn(exc)
-        return JSONResponse(error_body(err), status_code=err.status)
+        return _reply(from_djinn(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

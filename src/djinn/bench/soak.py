@@ -1,0 +1,332 @@
+"""``djinn bench soak``: a long seeded random workload against one ``djinn serve`` (native
+protocol and the HTTP API at once), then the checks a shared server is judged by.
+
+Workload (``--workers`` native threads and ``--http-workers`` HTTP threads, each with its own
+seeded ``random.Random``): open a session, run 1-6 turns of token prompts (greedy); between
+turns, at random: an IO_WAIT/ACTIVE phase signal pair, a turn stopped at a breakpoint and
+resumed, a turn with a no-op intervention (``Scale(factor=1.0)``); at the end: close the
+session, or drop the connection without closing (its lease closes it). HTTP workers hold
+chat conversations of a few turns. The device budget (``--kv-blocks``) is below what the
+sessions hold together, so sessions are parked and restored throughout.
+
+Checks (all asserted; the JSON says which failed):
+- wrong outputs: every native turn of one session in ``--check-every`` is compared with
+  transformers' greedy ``generate`` on the session's full history (the oracle, in this
+  process, on the same weights); HTTP conversations: the last answer of one in
+  ``--check-every`` equals the answer to the same messages sent as a fresh conversation;
+- memory: once everything is closed and leases have ended, sessions, device KV blocks,
+  parked KV and server-side tensor bytes are back to their values at the start;
+- latency: p99 turn latency of the last tenth of the run within ``--max-drift`` (1.2x) of
+  the first tenth (native turns);
+- the server's threads and open file descriptors after everything closed are no more than the
+  most seen in the first half of the run (on-demand pools make single counts noisy; a leak grows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import djinn
+
+MODEL = "tiny-llama"
+TOKEN = "soak-token-" + "s" * 24
+VOCAB = 259
+
+
+def _proc_counts(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _p99(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else 0.0
+
+
+class Soak:
+    def __init__(self, address: str, http_url: str | None, seed: int, check_every: int, deadline: float):
+        self.address, self.http_url, self.seed = address, http_url, seed
+        self.check_every, self.deadline = check_every, deadline
+        self.lock = threading.Lock()
+        self.turns: list[tuple[float, float]] = []      # (when, latency s) of native turns
+        self.http_turns = 0
+        self.checked = {"native_turns": 0, "http_conversations": 0}
+        self.wrong: list[str] = []
+        self.errors: list[str] = []
+        self.counts = {"sessions": 0, "breakpoints": 0, "interventions": 0, "phase_signals": 0, "closes": 0,
+                       "disconnects": 0, "capacity_refusals": 0}
+        self._model = None
+
+    def _ref(self, history: list[int], n: int) -> list[int]:
+        from djinn.config import default_home
+        from djinn.models import load_model
+
+        with self.lock:
+            if self._model is None:   # the preset's weights: the same seed (0) as the server's
+                self._model = load_model(MODEL, device=torch.device("cpu"), home=default_home(), progress=False).model
+            ids = torch.tensor([history])
+            out = self._model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)
+        return out[0, len(history):].tolist()
+
+    def _count(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] += 1
+
+    # ---- native ------------------------------------------------------------------------
+    def native_worker(self, wid: int) -> None:
+        rng = random.Random(self.seed * 1000 + wid)
+        k = 0
+        while time.monotonic() < self.deadline:
+            k += 1
+            try:
+                self._native_session(rng, check=(wid + k) % self.check_every == 0)
+            except Exception as exc:   # noqa: BLE001 - recorded, the soak goes on
+                with self.lock:
+                    self.errors.append(f"native {wid}: {type(exc).__name__}: {exc}"[:300])
+
+    def _native_session(self, rng: random.Random, check: bool) -> None:
+        c = djinn.connect(self.address, token=TOKEN)
+        dropped = False
+        try:
+            s = c.model(MODEL).session()
+            self._count("sessions")
+            history: list[int] = []
+            for _ in range(rng.randint(1, 6)):
+                if time.monotonic() > self.deadline:
+                    break
+                prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 12))]
+                n = rng.randint(2, 10)
+                what = rng.random()
+                t = time.perf_counter()
+                try:
+                    if what < 0.15:
+                        paused = s.generate(prompt, max_new_tokens=n, ignore_eos=True,
+                                            breakpoint=(rng.randrange(2), rng.randrange(n)))
+                        out = paused.resume() if hasattr(paused, "resume") else paused
+                        self._count("breakpoints")
+                    elif what < 0.3:
+                        out = s.generate(prompt, max_new_tokens=n, ignore_eos=True,
+                                         interventions=[djinn.Scale(layer=rng.randrange(2), factor=1.0)])
+                        self._count("interventions")
+                    else:
+                        out = s.generate(prompt, max_new_tokens=n, ignore_eos=True)
+                except djinn.CapacityError:
+                    self._count("capacity_refusals")
+                    continue
+                lat = time.perf_counter() - t
+                with self.lock:
+                    self.turns.append((time.monotonic(), lat))
+                history += prompt
+                if check:
+                    ref = self._ref(history, n)
+                    with self.lock:
+                        self.checked["native_turns"] += 1
+                    if out.token_ids != ref:
+                        with self.lock:
+                            self.wrong.append(f"native turn: got {out.token_ids}, reference {ref}")
+                history += out.token_ids
+                if rng.random() < 0.3:
+                    s.signal_phase("IO_WAIT")
+                    time.sleep(rng.uniform(0.0, 0.2))        # the client runs a tool meanwhile
+                    s.signal_phase("ACTIVE")
+                    self._count("phase_signals")
+            if rng.random() < 0.25:
+                dropped = True                               # gone without closing: the lease closes it
+                self._count("disconnects")
+                c._backend._sock.close()
+            else:
+                s.close()
+                self._count("closes")
+        finally:
+            if not dropped:
+                c.close()
+
+    # ---- HTTP --------------------------------------------------------------------------
+    def http_worker(self, wid: int) -> None:
+        import httpx
+
+        rng = random.Random(self.seed * 1000 + 500 + wid)
+        h = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=self.http_url, headers=h, timeout=120) as http:
+            k = 0
+            while time.monotonic() < self.deadline:
+                k += 1
+                try:
+                    self._http_conversation(http, rng, check=(wid + k) % self.check_every == 0, tag=f"{wid}-{k}")
+                except Exception as exc:   # noqa: BLE001
+                    with self.lock:
+                        self.errors.append(f"http {wid}: {type(exc).__name__}: {exc}"[:300])
+
+    def _http_conversation(self, http, rng: random.Random, check: bool, tag: str) -> None:
+        msgs: list[dict] = []
+        answer = None
+        sid = None
+        for _ in range(rng.randint(1, 4)):
+            if time.monotonic() > self.deadline:
+                break
+            msgs.append({"role": "user", "content": " ".join(rng.choice(["tea", "sky", "red", "go", "one"])
+                                                            for _ in range(rng.randint(1, 5)))})
+            r = http.post("/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 6,
+                                                     "temperature": 0, "prompt_cache_key": f"soak-{tag}"})
+            if r.status_code == 429:
+                self._count("capacity_refusals")
+                msgs.pop()
+                continue
+            r.raise_for_status()
+            answer = r.json()["choices"][0]["message"]["content"]
+            sid = r.headers.get("x-djinn-session-id")
+            msgs.append({"role": "assistant", "content": answer})
+            with self.lock:
+                self.http_turns += 1
+        if check and answer is not None:
+            fresh = http.post("/chat/completions", json={"model": MODEL, "messages": msgs[:-1], "max_tokens": 6,
+                                                         "temperature": 0, "prompt_cache_key": f"soak-ref-{tag}"})
+            if fresh.status_code == 200:
+                with self.lock:
+                    self.checked["http_conversations"] += 1
+                if fresh.json()["choices"][0]["message"]["content"] != answer:
+                    with self.lock:
+                        self.wrong.append(f"http conversation {tag}: cached {answer!r} vs fresh "
+                                          f"{fresh.json()['choices'][0]['message']['content']!r}")
+                ref_sid = fresh.headers.get("x-djinn-session-id")
+                if ref_sid:
+                    http.delete(f"/sessions/{ref_sid}")
+        if sid:
+            http.delete(f"/sessions/{sid}")
+
+
+def _held(client) -> dict:
+    s = client.stats()
+    return {"sessions": s["sessions"], "kv_device_blocks": s["kv_blocks"][MODEL]["used"],
+            "kv_parked": s["memory"]["kv_parked"], "tensors": s["memory"]["tensors"]}
+
+
+def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, seed: int, check_every: int,
+             max_drift: float, device: str = "cpu") -> dict:
+    import socket
+
+    from djinn.server.launch import ServerProcess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    args = ["--kv-blocks", str(kv_blocks), "--lease", "1", "--policy", "semantic"]
+    if http_workers:
+        args += ["--http-port", str(http_port)]
+    srv = ServerProcess(*args, token=TOKEN, device=device, env={"OMP_NUM_THREADS": "1"}).start()
+    try:
+        watch = djinn.connect(srv.address, token=TOKEN)
+        start = _held(watch)
+        url = f"http://127.0.0.1:{http_port}/v1" if http_workers else None
+        # warm-up: one turn each way, so lazily started threads exist before the baseline counts
+        warm = watch.model(MODEL).session()
+        warm.generate([5, 6], max_new_tokens=2, ignore_eos=True)
+        warm.close()
+        if url:
+            import httpx
+
+            for _ in range(50):
+                try:
+                    httpx.get(url.removesuffix("/v1") + "/health", timeout=5)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+        soak = Soak(srv.address, url, seed, check_every, 0.0)
+        soak._ref([5, 6], 2)             # load the reference model now: not inside the first tenth's latencies
+        t0 = time.monotonic()
+        soak.deadline = t0 + minutes * 60
+        samples: list[tuple[float, int, int]] = []      # (s since start, threads, fds) of the server
+        pool = [threading.Thread(target=soak.native_worker, args=(i,), daemon=True) for i in range(workers)]
+        pool += [threading.Thread(target=soak.http_worker, args=(i,), daemon=True) for i in range(http_workers)]
+        for th in pool:
+            th.start()
+        last = t0
+        while any(th.is_alive() for th in pool):
+            time.sleep(1.0)
+            samples.append((time.monotonic() - t0, *_proc_counts(srv.proc.pid)))
+            if time.monotonic() - last > 30:
+                last = time.monotonic()
+                print(f"soak: {last - t0:5.0f} s, {len(soak.turns)} native + {soak.http_turns} HTTP turns, "
+                      f"{len(soak.wrong)} wrong, {len(soak.errors)} errors", flush=True)
+        for th in pool:
+            th.join(300)
+        elapsed = time.monotonic() - t0
+        mid = watch.stats()
+        # everything closed or dropped: wait for the leases, then compare with the start
+        deadline = time.monotonic() + 60
+        end = _held(watch)
+        while end != start and time.monotonic() < deadline:
+            time.sleep(0.5)
+            end = _held(watch)
+        threads1, fds1 = _proc_counts(srv.proc.pid)
+        # pools that grow on demand and shrink when idle (the HTTP server's worker threads, the
+        # event loop's executor) make single counts noisy; a leak is growth: the counts after
+        # everything closed may not exceed the highest seen in the first half of the run
+        first_half = [x for x in samples if x[0] <= minutes * 30] or [(0.0, threads1, fds1)]
+        threads0, fds0 = max(x[1] for x in first_half), max(x[2] for x in first_half)
+        watch.close()
+        turns = sorted(soak.turns)
+        tenth = max(1, len(turns) // 10)
+        p99_first = _p99([lat for _, lat in turns[:tenth]])
+        p99_last = _p99([lat for _, lat in turns[-tenth:]])
+        drift = p99_last / p99_first if p99_first else 0.0
+        by_tenth = [_p99([lat for _, lat in turns[i * tenth:(i + 1) * tenth]]) * 1e3 for i in range(10)]
+        checks = {
+            "wrong_outputs_zero": not soak.wrong,
+            "memory_back_to_start": end == start,
+            "p99_drift_within_bound": drift <= max_drift,
+            "threads_not_grown": threads1 <= threads0,
+            "fds_not_grown": fds1 <= fds0,
+            "no_errors": not soak.errors,
+            "outputs_checked": soak.checked["native_turns"] > 0,
+        }
+        return {
+            "seconds": elapsed, "native_turns": len(turns), "http_turns": soak.http_turns, **soak.counts,
+            "checked": soak.checked, "wrong_outputs": len(soak.wrong), "wrong_samples": soak.wrong[:10],
+            "errors": len(soak.errors), "error_samples": soak.errors[:10],
+            "held_start": start, "held_end": end,
+            "swaps": mid.get("swaps"), "sessions_by_kv_location_at_end": mid.get("sessions_by_kv_location"),
+            "p99_first_tenth_ms": p99_first * 1e3, "p99_last_tenth_ms": p99_last * 1e3, "p99_drift": drift,
+            "p99_by_tenth_ms": by_tenth,
+            "server_threads_first_half_max_and_end": [threads0, threads1],
+            "server_fds_first_half_max_and_end": [fds0, fds1],
+            "server_threads_max": max((x[1] for x in samples), default=threads1),
+            "checks": checks, "passed": all(checks.values()),
+        }
+    finally:
+        srv.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from djinn.bench.common import record, write
+
+    p = argparse.ArgumentParser(prog="djinn bench soak", description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=6, help="native-protocol client threads")
+    p.add_argument("--http-workers", type=int, default=2, help="HTTP API client threads (0: none)")
+    p.add_argument("--kv-blocks", type=int, default=24, help="device KV blocks: below what the sessions hold")
+    p.add_argument("--check-every", type=int, default=3, help="compare one session in N with the reference")
+    p.add_argument("--max-drift", type=float, default=1.2, help="allowed p99 ratio, last tenth / first tenth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="the server's device (the reference runs on the CPU)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    res = run_soak(a.minutes, a.workers, a.http_workers, a.kv_blocks, a.seed, a.check_every, a.max_drift, a.device)
+    params = {k: v for k, v in vars(a).items() if k != "out"} | {"model": MODEL}
+    write(record("soak", torch.device(a.device), params, res), a.out)
+    print(f"soak: {res['native_turns']} native + {res['http_turns']} HTTP turns in {res['seconds']:.0f} s; "
+          f"wrong {res['wrong_outputs']}; held {res['held_end']} (start {res['held_start']}); "
+          f"p99 drift {res['p99_drift']:.2f}; checks {res['checks']}")
+    print("soak: PASSED" if res["passed"] else "soak: FAILED")
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
