@@ -11,6 +11,8 @@ strings. Specs only see plain data (what msgpack decodes to), never arbitrary ob
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,12 +43,14 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-class Spec:
+class Spec(ABC):
+    """A field's validator: ``check`` returns the value (defaults filled in) or raises via ``ctx``."""
+
     name = "value"
     types: tuple[type, ...] = ()
 
-    def check(self, value: Any, path: str, ctx: Ctx) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def check(self, value: Any, path: str, ctx: Ctx) -> Any: ...
 
     def _type(self, value: Any, path: str, ctx: Ctx) -> None:
         if type(value) not in self.types:  # exact types: bool is not accepted as an int
