@@ -28,7 +28,7 @@ import torch
 
 from djinn.engine.batch import BatchItem, forward_batch
 from djinn.engine.requests import GenerateRequest, GenerateResult
-from djinn.engine.sampling import Sampler, SamplingParams
+from djinn.engine.sampling import Sampler, SamplingParams, stop_check
 from djinn.errors import Cancelled
 
 log = logging.getLogger("djinn.engine")
@@ -188,17 +188,9 @@ class Batcher:
         s.tokens.append(nxt)
         if r.request.on_token is not None:
             r.request.on_token(nxt)
-        finish = None
-        p = r.params
-        if nxt in r.stop_ids:
-            finish = "stop"
-        elif p.stop:
-            text = rt.tokenizer.decode(r.out, skip_special_tokens=True)
-            hit = min((text.find(x) for x in p.stop if x in text), default=-1)
-            if hit >= 0:
-                r.text, finish = text[:hit], "stop"
-        if finish is None and (len(r.out) >= p.max_new_tokens or len(s.tokens) >= rt.max_context):
-            finish = "length"
+        finish, cut = stop_check(r.out, r.stop_ids, r.params, rt.tokenizer, len(s.tokens), rt.max_context)
+        if cut is not None:
+            r.text = cut
         if finish is not None:
             self._finish(rt, r, finish)
 

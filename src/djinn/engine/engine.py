@@ -24,7 +24,7 @@ from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
 from djinn.engine.residency import Residency
 from djinn.engine.runtime import ModelRuntime
-from djinn.engine.sampling import Sampler
+from djinn.engine.sampling import Sampler, stop_check
 from djinn.engine.session import Phase, Session
 from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
@@ -420,16 +420,9 @@ class Engine:
             s.tokens.append(nxt)
             if req is not None and req.on_token is not None:
                 req.on_token(nxt)
-            if nxt in stop_ids:
-                finish = "stop"
-                break
-            if params.stop:
-                text = rt.tokenizer.decode(out, skip_special_tokens=True)
-                hit = min((text.find(x) for x in params.stop if x in text), default=-1)
-                if hit >= 0:
-                    text, finish = text[:hit], "stop"
-                    break
-            if len(out) >= params.max_new_tokens or len(s.tokens) >= rt.max_context:
+            done, cut = stop_check(out, stop_ids, params, rt.tokenizer, len(s.tokens), rt.max_context)
+            if done is not None:
+                finish, text = done, cut
                 break
         end = time.perf_counter()
         s.ended_with_eos = finish == "stop" and out[-1] in stop_ids

@@ -70,3 +70,19 @@ class Sampler:
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def stop_check(out: list[int], stop_ids: set[int], params: SamplingParams, tokenizer, session_tokens: int,
+               max_context: int) -> tuple[str | None, str | None]:
+    """The one stop rule of every generation path, after ``out[-1]`` was appended:
+    ``("stop" | "length" | None, the text cut before a stop string, or None)``."""
+    if out[-1] in stop_ids:
+        return "stop", None
+    if params.stop:
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        hit = min((text.find(x) for x in params.stop if x in text), default=-1)
+        if hit >= 0:
+            return "stop", text[:hit]
+    if len(out) >= params.max_new_tokens or session_tokens >= max_context:
+        return "length", None
+    return None, None

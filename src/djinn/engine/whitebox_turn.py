@@ -20,7 +20,7 @@ from djinn.engine.cache import PagedCache
 from djinn.engine.executor import ForwardState
 from djinn.engine.interventions import LayerPlan
 from djinn.engine.requests import GenerateResult
-from djinn.engine.sampling import Sampler, SamplingParams
+from djinn.engine.sampling import Sampler, SamplingParams, stop_check
 
 if TYPE_CHECKING:  # pragma: no cover
     from djinn.engine.engine import _Turn
@@ -95,16 +95,12 @@ class WhiteboxTurn:
         self.out.append(nxt)
         s.tokens.append(nxt)
         self.step += 1
-        if nxt in self.stop_ids:
+        finish, cut = stop_check(self.out, self.stop_ids, params, rt.tokenizer, len(s.tokens), rt.max_context)
+        if finish == "stop":
             self.finish_reason = "stop"
-            return True
-        if params.stop:
-            text = rt.tokenizer.decode(self.out, skip_special_tokens=True)
-            hit = min((text.find(x) for x in params.stop if x in text), default=-1)
-            if hit >= 0:
-                self.text, self.finish_reason = text[:hit], "stop"
-                return True
-        return len(self.out) >= params.max_new_tokens or len(s.tokens) >= rt.max_context
+            if cut is not None:
+                self.text = cut
+        return finish is not None
 
     def _result(self) -> GenerateResult:
         end = time.perf_counter()
