@@ -64,7 +64,11 @@ def hf_edited(model, past: list[int], ids: list[int], layer: int, fn, then: list
             t = int(model(torch.tensor([nxt], device=model.device), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
             out.append(t)
             nxt = [t]
-    return logits, out
+    return logits.cpu(), out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- many forks of one prefix
@@ -241,8 +245,9 @@ def _two_counterfactuals(lm):
         assert not torch.equal(ref1, ref2)
         out1 = eng.resume(p1["paused_id"], {"op": "mul", "args": [{"ref": p1["activation"]["id"]}, {"scalar": 0.9}]})
         out2 = eng.resume(p2["paused_id"], a2 + v.cpu())
-        assert torch.equal(logits_of(eng, out1), ref1)
-        assert torch.equal(logits_of(eng, out2), ref2)
+        same = torch.equal if lm.device.type == "cpu" else _close   # CUDA: other kernels, other rounding
+        assert same(logits_of(eng, out1), ref1)
+        assert same(logits_of(eng, out2), ref2)
         # each session's KV holds its own edit: their continuations are transformers' over that KV
         assert eng.generate(parent, GenerateRequest(then, greedy(4))).token_ids == cont1
         assert eng.generate(child, GenerateRequest(then, greedy(4))).token_ids == cont2

@@ -97,7 +97,9 @@ class DecodeGraphs:
                     self._body(b)
             torch.cuda.current_stream(self.pool.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
+            # thread_local: other threads (a client waiting on a copy event, the pager) may keep
+            # calling CUDA while this one captures; "global" would fail their calls
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 out = self._body(b)
             if self._mempool is None:
                 self._mempool = graph.pool()
