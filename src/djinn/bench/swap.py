@@ -205,17 +205,13 @@ def signal_latency(engine: Engine, name: str, lm, count: int, busy_sid: str | No
 # ---- 4. decode while copying ----------------------------------------------------------------
 def decode_during_copies(engine: Engine, name: str, lm, context: int, new: int) -> dict:
     rt = engine.runtimes[name]
-    steps: list[float] = []
-    hook = rt.arch.lm_head.register_forward_hook(lambda *a: steps.append(time.perf_counter()))
     a = _session_with_kv(engine, name, context, lm.config.vocab_size, seed=1)
     b_tokens = min(512, rt.max_context - 4 * (new + 2))
     b = _session_with_kv(engine, name, b_tokens, lm.config.vocab_size, seed=2)
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
 
     def step_times() -> list[float]:
-        steps.clear()
-        engine.generate(b, GenerateRequest([7], params))
-        return [y - x for x, y in zip(steps[1:], steps[2:])]   # decode steps (the first is the prefill)
+        return step_times_of(engine, name, b, params)
 
     try:
         step_times()                                    # warm-up
@@ -240,7 +236,6 @@ def decode_during_copies(engine: Engine, name: str, lm, context: int, new: int) 
         th.join()
         copy_s = sum(x.copy_seconds + y.copy_seconds for x, y in moved)
     finally:
-        hook.remove()
         engine.close_session(a)
         engine.close_session(b)
     nbytes = moved[0][0].nbytes if moved else 0
@@ -249,7 +244,60 @@ def decode_during_copies(engine: Engine, name: str, lm, context: int, new: int) 
            "idle_step_ms": _ms(idle), "during_copies_step_ms": _ms(busy)}
     out["ratio_p50"] = out["during_copies_step_ms"]["p50"] / out["idle_step_ms"]["p50"]
     out["ratio_mean"] = statistics.mean(busy) / statistics.mean(idle)
+    if lm.device.type == "cuda" and nbytes:
+        out["raw_copies"] = raw = _decode_during_raw_copies(engine, name, lm, b_tokens, params, nbytes, step_times_of)
+        out["ratio_vs_raw_p50"] = out["during_copies_step_ms"]["p50"] / raw["during_copies_step_ms"]["p50"]
     return out
+
+
+def step_times_of(engine: Engine, name: str, sid: str, params: SamplingParams) -> list[float]:
+    """Decode step intervals of one generate on ``sid`` (the first step, the prefill, left out)."""
+    steps: list[float] = []
+    hook = engine.runtimes[name].arch.lm_head.register_forward_hook(lambda *a: steps.append(time.perf_counter()))
+    try:
+        engine.generate(sid, GenerateRequest([7], params))
+    finally:
+        hook.remove()
+    return [y - x for x, y in zip(steps[1:], steps[2:])]
+
+
+def _decode_during_raw_copies(engine: Engine, name: str, lm, b_tokens: int, params: SamplingParams,
+                              nbytes: int, step_times) -> dict:
+    """The physical baseline for part 4: the same decode steps while plain PyTorch copies of the
+    same size run back to back both ways between pinned host memory and the device on a side
+    stream (no Djinn code at all), waited for with a blocking event. What this costs the decode
+    is what the link and the GPU cost; whatever Djinn adds on top is its own overhead."""
+    device = lm.device
+    b = _session_with_kv(engine, name, b_tokens, lm.config.vocab_size, seed=2)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    stop, copies = threading.Event(), [0]
+
+    def pingpong():
+        while not stop.is_set():
+            for dst, src in ((host, dev), (dev, host)):
+                done = torch.cuda.Event(blocking=True)
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                    done.record(stream)
+                done.synchronize()
+                copies[0] += 1
+
+    try:
+        step_times(engine, name, b, params)
+        idle = step_times(engine, name, b, params)
+        th = threading.Thread(target=pingpong, daemon=True)
+        th.start()
+        time.sleep(0.02)
+        busy = step_times(engine, name, b, params)
+        stop.set()
+        th.join()
+    finally:
+        engine.close_session(b)
+        del host, dev
+    return {"copies": copies[0], "idle_step_ms": _ms(idle), "during_copies_step_ms": _ms(busy),
+            "ratio_p50": statistics.median(busy) / statistics.median(idle)}
 
 
 # ---- 5. oversubscription --------------------------------------------------------------------
@@ -370,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"back to back (link busy {d['link_busy_fraction'] or 0:.0%}): p50 {d['during_copies_step_ms']['p50']:.2f} ms "
                   f"vs {d['idle_step_ms']['p50']:.2f} ms idle = {d['ratio_p50']:.3f}x (mean {d['ratio_mean']:.3f}x)",
                   flush=True)
+            if "raw_copies" in d:
+                r = d["raw_copies"]
+                print(f"  plain PyTorch copies of the same size, no Djinn: p50 {r['during_copies_step_ms']['p50']:.2f} ms "
+                      f"vs {r['idle_step_ms']['p50']:.2f} ms idle = {r['ratio_p50']:.3f}x; Djinn / plain "
+                      f"{d['ratio_vs_raw_p50']:.3f}x", flush=True)
         results["engine_stats"] = engine.stats()
     finally:
         engine.shutdown()

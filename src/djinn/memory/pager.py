@@ -134,7 +134,10 @@ class Pager:
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 if after is not None:
                     stream.wait_event(after)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                # blocking: a thread waiting for a copy sleeps instead of spinning on the event,
+                # which would take a core (and the driver's attention) from the step loop
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True, blocking=True)
                 start.record(stream)
                 for i, (dst, src) in enumerate(pairs):
                     dst.copy_(src, non_blocking=True)
