@@ -84,6 +84,8 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512    # prompt tokens per step, shared by all prefilling turns
     max_batch: int = 64                # sequences per step
     cuda_graphs: bool = True           # replay captured decode steps on CUDA
+    warmup: bool = True                # on CUDA, capture every decode-graph bucket when a model loads,
+                                       # so the first requests do not pay for it
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

@@ -141,6 +141,26 @@ class Batcher:
         return graphs
 
     @torch.inference_mode()
+    def warmup(self, rt) -> None:
+        """Capture every decode-graph bucket up to ``max_batch`` now (CUDA only; on the loop):
+        a lazily captured bucket costs the turn that first needs it a capture and, in a fresh
+        process, the Triton compiles."""
+        if rt.streamer is not None:       # streamed weights run eagerly, layer by layer
+            return
+        graphs = self._graphs_for(rt, 1)
+        if graphs is None:
+            return
+        t = time.perf_counter()
+        sizes = tuple(b for b in graphs.buckets if b <= self.max_batch)
+        try:
+            graphs.capture(sizes)
+        except Exception as exc:
+            log.warning("CUDA graph capture failed for %s, running eagerly: %s", rt.name, exc)
+            self._graphs[rt.name] = None
+            return
+        log.info("captured decode graphs of %s for batches %s in %.1f s", rt.name, sizes, time.perf_counter() - t)
+
+    @torch.inference_mode()
     def step(self) -> None:
         by_model: dict[str, list[Running]] = {}
         for r in self.running:

@@ -105,6 +105,8 @@ class Engine:
         self.residency.add_model(name, rt.pool, host_blocks)
         self.runtimes[name] = rt
         self.budget = budget
+        if self.config.warmup and self.config.batching:
+            self.batcher.warmup(rt)
 
     # ---- public, thread-safe ---------------------------------------------------------
     def open_session(self, model: str, owner: str | None = None) -> str:
