@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="djinn bench resume", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama2-7b-16k")
-    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384])
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16000],
+                   help="history lengths; each run adds a few tokens, so stay a little under the window")
     p.add_argument("--depth-model", default="llama2-13b")
     p.add_argument("--depth-tokens", type=int, default=2048)
     p.add_argument("--layers", nargs="+", type=int, default=[1, 10, 20, 30, 40],
@@ -152,6 +153,14 @@ def djinn_context(client, name: str, history: list[int], repeat: int, park_timeo
 
 
 def context_part(args, device, dtype) -> dict:
+    from djinn.models.presets import PRESETS
+
+    preset = PRESETS.get(args.model)
+    window = getattr(preset.build(), "max_position_embeddings", None) if preset else None
+    extra = 2 * (args.repeat + 2)            # the tokens djinn_context appends to each history
+    if window and max(args.contexts) + extra > window:
+        raise SystemExit(f"djinn bench resume: --contexts up to {max(args.contexts)} plus {extra} tokens of turns "
+                         f"exceed {args.model}'s {window}-token window; use at most {window - extra}")
     rows: dict[int, dict] = {n: {"tokens": n} for n in args.contexts}
     bar = _bar(len(args.contexts) * (1 if "manual" in args.skip else 2), "resume: context", not args.no_progress)
     vocab = None
