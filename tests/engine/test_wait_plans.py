@@ -125,6 +125,7 @@ def test_a_session_with_no_history_uses_the_server_wide_estimate_else_parks():
     r.res.signal(new, Phase.IO_WAIT)                   # three waits of 10 ms seen server-wide
     d = r.res.stats()["decisions"]
     assert d["sources"] == {"session": 2, "server": 1, "none": 1} and d["reasons"]["no_estimate"] == 1
+    assert d["keep_sources"] == {"session": 0, "server": 1}
     assert r.res.location(new) == "device" and r.res.stats()["wait_estimate_s"]["mean"] == pytest.approx(0.01)
 
 

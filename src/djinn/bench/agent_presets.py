@@ -68,8 +68,10 @@ PRESETS: dict[str, AgentsPreset] = {
         policy_budget_s=40.0, notes=("CPU smoke run: tiny model, tiny device KV pool",)),
     "tools-quick": AgentsPreset(
         name="tools-quick", model="tiny-llama", device="cpu", prompt_tokens=32, context_tokens=16, new_tokens=4,
-        turns=3, rate=20.0, tools=("fixed:0.01", "fixed:0.2"), n=(4,), until_fail=False, kv_blocks=20,
-        host_memory="8MiB", policy_budget_s=20.0, notes=("CPU smoke run of the tools preset",)),
+        turns=4, rate=20.0, tools=("fixed:0.01", "fixed:0.3"), n=(2, 4), until_fail=False, kv_blocks=20,
+        host_memory="8MiB", policy_budget_s=30.0,
+        notes=("CPU smoke run of the tools preset: a tool far shorter than parking + restoring plus the prefetch "
+               "margin (~0.05 s for these tiny sessions) and one far longer; N=2 fits the pool, N=4 does not",)),
 }
 
 

@@ -101,6 +101,7 @@ class Residency:
         self.waits = WaitHistory()
         self.decisions: dict = {"io_wait": 0, "keep": 0, "park": 0, "drop": 0, "off": 0, "none": 0,
                                 "reasons": {}, "sources": {"session": 0, "server": 0, "none": 0},
+                                "keep_sources": {"session": 0, "server": 0},
                                 "expected_wait_s": {"keep": 0.0, "park": 0.0},
                                 "prefetch": 0, "prefetch_no_room": 0, "late_park": 0, "kept_evicted": 0}
         self._timers: Timers | None = None
@@ -261,6 +262,8 @@ class Residency:
         d[plan.outcome] += 1
         d["reasons"][plan.reason] = d["reasons"].get(plan.reason, 0) + 1
         d["sources"][plan.source or "none"] += 1
+        if plan.action is Action.KEEP:
+            d["keep_sources"][plan.source] += 1
         if plan.expected_s is not None and plan.outcome in d["expected_wait_s"]:
             d["expected_wait_s"][plan.outcome] += plan.expected_s
 
