@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_twenty_parks_and_restores_change_no_token(dtype):
     lm = loaded("tiny-llama", device="cuda", dtype=dtype)
-    eng = engine(lm)
+    eng = engine(lm, policy="semantic-park")      # every IO_WAIT parks, however short (semantic would keep these)
     try:
         assert eng.residency.tiers["m"].arena.run_view(0, 1).is_pinned()
         sid = eng.open_session("m")

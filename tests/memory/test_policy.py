@@ -194,19 +194,27 @@ def test_an_overdue_wait_planned_again_parks():
 def test_other_policies_plan_waits_from_their_signal_rule(name):
     plan = make_policy(name).plan_wait(waiting(0.2), CALM, RATES)
     assert plan.outcome == ("drop" if name == "recompute" else "none")
-    assert make_policy(name).on_wait_timer(waiting(0.2), "recheck") is Action.NONE
+    assert make_policy(name).on_wait_timer(waiting(0.2), "recheck", CALM) is Action.NONE
 
 
 def test_wait_timers_prefetch_parked_kv_and_park_kv_that_overstayed():
     p = make_policy("semantic")
     for state in (KVState.PARKED, KVState.PARKING):
-        assert p.on_wait_timer(waiting(10.0, state=state), "prefetch") is Action.PREFETCH
-    assert p.on_wait_timer(waiting(10.0), "prefetch") is Action.NONE                  # already on the device
-    assert p.on_wait_timer(waiting(0.2), "recheck") is Action.PARK
-    assert p.on_wait_timer(waiting(0.2, state=KVState.RESTORING), "recheck") is Action.PARK
-    assert p.on_wait_timer(waiting(0.2, state=KVState.PARKED), "recheck") is Action.NONE
+        assert p.on_wait_timer(waiting(10.0, state=state), "prefetch", CALM) is Action.PREFETCH
+        # a prediction never takes room a request may be waiting for
+        assert p.on_wait_timer(waiting(10.0, state=state), "prefetch", Room(100, pressure_age_s=0.1)) is Action.NONE
+    parked = waiting(10.0, state=KVState.PARKED)
+    parked.host_blocks = 6
+    assert p.on_wait_timer(parked, "prefetch", Room(free_blocks=5)) is Action.NONE     # only into free room
+    assert p.on_wait_timer(parked, "prefetch", Room(free_blocks=6)) is Action.PREFETCH
+    assert p.on_wait_timer(waiting(10.0), "prefetch", CALM) is Action.NONE             # already on the device
+    assert p.on_wait_timer(waiting(0.2), "recheck", CALM) is Action.PARK
+    assert p.on_wait_timer(waiting(0.2), "recheck", Room(0, pressure_age_s=0.1)) is Action.PARK
+    assert p.on_wait_timer(waiting(0.2, state=KVState.RESTORING), "recheck", CALM) is Action.PARK
+    assert p.on_wait_timer(waiting(0.2, state=KVState.PARKED), "recheck", CALM) is Action.NONE
     back = cand("a", "ACTIVE")
-    assert p.on_wait_timer(back, "prefetch") is Action.NONE and p.on_wait_timer(back, "recheck") is Action.NONE
+    assert p.on_wait_timer(back, "prefetch", CALM) is Action.NONE
+    assert p.on_wait_timer(back, "recheck", CALM) is Action.NONE
 
 
 def test_kept_sessions_are_the_last_victims_but_still_victims():
@@ -257,7 +265,7 @@ def test_an_agent_loop_on_a_fake_clock_keeps_short_tools_and_prefetches_long_one
 
             def fire(kind, plan=plan, state=state, start=start):
                 c = waiting(10.0, state=state["kv"], waited=now[0] - start)
-                if p.on_wait_timer(c, kind) is Action.PREFETCH:
+                if p.on_wait_timer(c, kind, CALM) is Action.PREFETCH:
                     state["kv"], state["restored_at"] = KVState.DEVICE, now[0] + plan.restore_s
 
             handles = [timers.at(start + at, lambda k=k: fire(k)) for k, at in
@@ -278,3 +286,12 @@ def test_an_agent_loop_on_a_fake_clock_keeps_short_tools_and_prefetches_long_one
                 assert state["kv"] is KVState.DEVICE
         history = WaitHistory()                                             # the next agent class, alone
     assert timers.pending() == 0
+
+
+def test_semantic_park_parks_every_io_wait_however_short():
+    p = make_policy("semantic-park")
+    plan = p.plan_wait(waiting(0.001), CALM, RATES)
+    assert plan.action is Action.PARK and plan.prefetch_at_s is None and plan.recheck_at_s is None
+    assert p.on_signal(cand("a", "ACTIVE", state=KVState.PARKED)) is Action.PREFETCH
+    assert p.on_wait_timer(waiting(0.2), "recheck", CALM) is Action.NONE
+    assert p.name == "semantic-park" and p.moves_kv

@@ -152,7 +152,8 @@ def _line(run: dict) -> str:
     return (f"[{run['policy']} {run['tool']} n={run['n']}] success {run['success_rate']:.1%} "
             f"turn p50/p99/max {ms(run['turn_ms']['p50'])}/{ms(run['turn_ms']['p99'])}/{ms(run['turn_ms']['max'])} ms, "
             f"TTFT p99 {ms(run['ttft_ms']['p99'])} ms, live agents max {run['live_agents']['max']}, "
-            f"no-recompute {'-' if nr is None else f'{nr:.0%}'}, {choice}moved {'-' if moved is None else f'{moved / 2**20:.0f} MiB'}, "
+            f"no-recompute {'-' if nr is None else f'{nr:.0%}'}, {choice}"
+            f"moved {'-' if moved is None else f'{moved / 2**20:.0f} MiB'}, "
             f"{run['wall_s']:.1f} s{' (cut short)' if run['cut_short'] else ''}{' SUSTAINED' if run['sustained'] else ''}")
 
 

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-POLICY_ORDER = ("semantic", "lru", "recompute", "resident")
+POLICY_ORDER = ("semantic", "semantic-park", "lru", "recompute", "resident")
 
 
 def _plt():

@@ -208,12 +208,7 @@ class Residency:
     def _plan_wait(self, s: Session) -> None:
         """Ask the policy what to do with ``s``'s KV for its current IO_WAIT, do it, count it
         (once per wait), and set the plan's timers."""
-        tier = self.tiers[s.model]
-        c = self._candidate(s)
-        wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == s.model and x.prefetch_wanted)
-        room = Room(free_blocks=tier.pool.free_count, wanted_blocks=wanted,
-                    pressure_age_s=None if self._last_pressure is None else self.clock() - self._last_pressure)
-        plan = self.policy.plan_wait(c, room, self._rates())
+        plan = self.policy.plan_wait(self._candidate(s), self._room_now(s.model), self._rates())
         old = s.wait_plan
         if old is not None:
             old.cancel()
@@ -240,21 +235,26 @@ class Residency:
                     or tier.sessions.get(s.id) is not s:
                 return
             self._reap()
-            action = self.policy.on_wait_timer(self._candidate(s), kind)
+            action = self.policy.on_wait_timer(self._candidate(s), kind, self._room_now(s.model))
             if action is Action.PREFETCH:
                 if s.kv_state is KVState.PARKING:
                     self._cancel(s)                  # the device copy is intact: keep it
-                elif tier.pool.free_count >= len(s.host_table):
-                    self._start_restore(s)
                 else:
-                    self.decisions["prefetch_no_room"] += 1
-                    return
+                    self._start_restore(s)
                 w.kept = True
                 self.decisions["prefetch"] += 1
+            elif kind == "prefetch" and s.kv_state in (KVState.PARKING, KVState.PARKED):
+                self.decisions["prefetch_no_room"] += 1   # no free room, or the memory is needed
             elif action is Action.PARK:
                 w.kept = False
                 self._park(s, allow_drop=False)
                 self.decisions["late_park"] += 1
+
+    def _room_now(self, model: str) -> Room:
+        tier = self.tiers[model]
+        wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == model and x.prefetch_wanted)
+        return Room(free_blocks=tier.pool.free_count, wanted_blocks=wanted,
+                    pressure_age_s=None if self._last_pressure is None else self.clock() - self._last_pressure)
 
     def _count_decision(self, plan: WaitPlan) -> None:
         d = self.decisions
@@ -512,7 +512,7 @@ class Residency:
                          reclaimable=sum(1 for b in s.block_table if pool.refcount(b) == 1),
                          idle_since=s.last_used, expected_back_s=expected,
                          kv_bytes=blocks * pool.shape.block_bytes, waited_s=waited, wait=est,
-                         kept=s.wait_plan is not None and s.wait_plan.kept)
+                         kept=s.wait_plan is not None and s.wait_plan.kept, host_blocks=len(s.host_table))
 
     def _room(self, model: str, need: int, protect: set[str]) -> Transfer | None:
         """Start what makes ``need`` blocks free. None if they are free now, else a copy to wait

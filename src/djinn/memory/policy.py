@@ -22,8 +22,9 @@ Policies (``--policy``):
     (no prefetch waits for room, and no request had to evict anything in the last
     ``pressure_window_s``); PARK otherwise, and when nothing is known about the wait;
   * after a park, PREFETCH at ``expected - deviation - restore_s - margin`` from the start of the
-    wait, so the agent that comes back finds its KV on the device (only if the device has free
-    room then: a prediction never evicts anyone); when the wait overruns its estimate
+    wait, so the agent that comes back finds its KV on the device (only into free room and while
+    the memory is not needed: a prediction never evicts anyone nor takes room a request waits
+    for); when the wait overruns its estimate
     (``mean + 4 x deviation + break-even``) and the KV is on the device (kept, or prefetched),
     PARK it after all ("late park").
 
@@ -34,6 +35,9 @@ Policies (``--policy``):
   ``IO_WAIT`` sessions due back soon: those kept for a short wait and those whose history says
   they are due back within ``short_wait_s``. A keep is a bias, never a lock: a kept session is
   an eviction candidate like any other, only the last one, so no keep ever blocks an admission.
+- ``semantic-park``: ``semantic`` with every IO_WAIT parked at once, whatever its expected length
+  (no keep, no timed prefetch): the ablation of the wait estimate, and the policy of benchmarks
+  that measure parking and restoring.
 - ``lru``: ignores signals; under pressure parks the least recently used idle sessions.
 - ``recompute``: keeps nothing off the device: drops the KV on ``IO_WAIT`` and under pressure
   (least recently used first, ``IO_WAIT`` sessions before others); the next turn rebuilds it from
@@ -97,6 +101,7 @@ class Candidate:
     waited_s: float = 0.0              # IO_WAIT only: seconds in this wait so far
     wait: WaitEstimate | None = None   # IO_WAIT only: the expected length of this wait, if anything is known
     kept: bool = False                 # IO_WAIT only: the policy chose to keep its KV for this wait
+    host_blocks: int = 0               # host blocks it holds (what a restore needs on the device)
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ class Policy:
         action = self.on_signal(c)
         return WaitPlan(action, "ignored" if action is Action.NONE else action.value)
 
-    def on_wait_timer(self, c: Candidate, kind: str) -> Action:
+    def on_wait_timer(self, c: Candidate, kind: str, room: Room) -> Action:
         """A timer of ``c``'s wait plan fired (``prefetch`` or ``recheck``): what to do now."""
         return Action.NONE
 
@@ -269,7 +274,8 @@ class Semantic(Policy):
         margin = max(self.margin_s, 0.5 * restore_s)
         known = {} if est is None else {"expected_s": est.mean_s, "source": est.source}
         times = {"park_s": park_s, "restore_s": restore_s, **known}
-        if c.state in (KVState.PARKING, KVState.PARKED, KVState.DROPPED) or (c.state is KVState.DEVICE and not c.blocks):
+        off = c.state in (KVState.PARKING, KVState.PARKED, KVState.DROPPED)
+        if off or (c.state is KVState.DEVICE and not c.blocks):
             if c.state is KVState.DEVICE or c.kv_bytes == 0:
                 return WaitPlan(Action.NONE, "no_kv", **times)
             prefetch = None if est is None or c.state is KVState.DROPPED else \
@@ -288,10 +294,14 @@ class Semantic(Policy):
         return WaitPlan(Action.PARK, "long" if remaining >= break_even else "memory_needed",
                         prefetch_at_s=prefetch, recheck_at_s=recheck, **times)
 
-    def on_wait_timer(self, c: Candidate, kind: str) -> Action:
+    def on_wait_timer(self, c: Candidate, kind: str, room: Room) -> Action:
         if c.phase != "IO_WAIT":
             return Action.NONE
         if kind == "prefetch" and c.state in (KVState.PARKING, KVState.PARKED):
+            # a prediction never takes room someone needs: not while the memory is needed (a park
+            # in flight may be the room a request waits for), and only into free blocks
+            if self.memory_needed(room) or (c.state is KVState.PARKED and room.free_blocks < c.host_blocks):
+                return Action.NONE
             return Action.PREFETCH
         if kind == "recheck" and (c.state is KVState.RESTORING or (c.state is KVState.DEVICE and c.blocks)):
             return Action.PARK                 # the wait overran its estimate: free the memory after all
@@ -311,6 +321,21 @@ class Semantic(Policy):
         return sorted(candidates, key=lambda c: (self._tier(c), c.idle_since, c.id))
 
 
+class SemanticPark(Semantic):
+    """``semantic-park``: ``semantic`` without the wait estimate: every IO_WAIT parks at once (the
+    signal alone; no keep, no timed prefetch, no late park), ACTIVE prefetches, the same victim
+    order. The ablation of ``plan_wait``, and what benchmarks of the park/restore mechanism use
+    (they need every IO_WAIT to park, however short)."""
+
+    name = "semantic-park"
+
+    def plan_wait(self, c: Candidate, room: Room, rates: CopyRates) -> WaitPlan:
+        return Policy.plan_wait(self, c, room, rates)
+
+    def on_wait_timer(self, c: Candidate, kind: str, room: Room) -> Action:
+        return Action.NONE
+
+
 class Recompute(Policy):
     name = "recompute"
     moves_kv = True
@@ -327,7 +352,8 @@ class Recompute(Policy):
         return Action.DROP
 
 
-POLICIES = {"semantic": Semantic, "lru": LRU, "recompute": Recompute, "resident": Resident}
+POLICIES = {"semantic": Semantic, "lru": LRU, "recompute": Recompute, "resident": Resident,
+            "semantic-park": SemanticPark}
 
 
 def make_policy(name: str) -> Policy:
