@@ -196,6 +196,7 @@ def _keep_park(ax, preset: str, runs: list[dict]) -> bool:
                                                                   for r in rows if r["tool"] == t))
     ns = sorted({r["n"] for r in rows})
     width = 0.8 / len(ns)
+    seen: set[str] = set()
     for i, tool in enumerate(tools):
         for j, n in enumerate(ns):
             run = next((r for r in rows if r["tool"] == tool and r["n"] == n), None)
@@ -205,17 +206,21 @@ def _keep_park(ax, preset: str, runs: list[dict]) -> bool:
             total = c["kept"] + c["parked"] + c["off_device"]
             x = i - 0.4 + width * (j + 0.5)
             bottom = 0.0
-            for k, (label, colour, count) in enumerate(KEEP_PARK):
+            for label, colour, count in KEEP_PARK:
                 share = 100.0 * count(c) / total
                 if share > 0:
-                    ax.bar(x, share, width * 0.9, bottom=bottom, color=colour,
-                           label=label if (i, j) == (0, 0) or label not in ax.get_legend_handles_labels()[1] else None)
+                    ax.bar(x, share, width * 0.9, bottom=bottom, color=colour)
+                    seen.add(label)
                     bottom += share
             ax.annotate(f"N={n}\n{total}", (x, 101), ha="center", va="bottom", fontsize=6)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=colour, label=label) for label, colour, _ in KEEP_PARK if label in seen],
+              fontsize=6, loc="upper center", ncol=3)
     scale = {r["tool"]: r["tool_mean_s"] for r in rows}
     ax.set_xticks(range(len(tools)))
     ax.set_xticklabels([f"{t.split(':', 1)[-1]} s\n(as run {scale[t]:.3g} s)" for t in tools], fontsize=7)
-    ax.set(xlabel="tool time (nominal)", ylabel="share of IO_WAITs (%)", ylim=(0, 118),
+    ax.set(xlabel="tool time (nominal)", ylabel="share of IO_WAITs (%)", ylim=(0, 140), yticks=range(0, 101, 20),
            title=f"{preset}: {policy}'s choice per IO_WAIT")
     return True
 
@@ -250,7 +255,7 @@ def choice(preset: str, slot: dict, out: Path) -> list[Path]:
             title=f"{preset}: p99 turn latency vs tool time, N={n}")
     ax2.grid(alpha=0.3)
     for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     scale = slot["params"].get("time_scale")
     if scale not in (None, 1, 1.0):
