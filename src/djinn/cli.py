@@ -11,6 +11,7 @@ from pathlib import Path
 
 from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home, parse_size
 from djinn.errors import DjinnError
+from djinn.memory.policy import POLICIES
 
 BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak", "fork")
 
@@ -20,7 +21,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
     p.add_argument("--gpu-memory", default=None, help="device budget: 40GiB, 512MiB or a fraction like 0.8")
     p.add_argument("--host-memory", default=None, help="pinned host memory for parked KV, e.g. 64GiB")
-    p.add_argument("--policy", default="semantic", choices=["semantic", "lru", "recompute", "resident"])
+    p.add_argument("--policy", default="semantic", choices=list(POLICIES))
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of random-init presets")
 

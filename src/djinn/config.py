@@ -64,6 +64,7 @@ class MemoryConfig:
     kv_blocks: int | None = None       # explicit device block count (tests); overrides the budget
     host_blocks: int | None = None     # explicit host block count (tests); overrides host_memory
     policy: str = "semantic"           # semantic | lru | recompute | resident
+    copy_gbps: float = 10.0            # device<->host copy rate assumed until the pager measured one
     host_chunk_bytes: int = 1 << 30    # the host arena is pinned in chunks of this size, in the background
     workspace_fraction: float = 0.10   # share of the free device budget kept for activations
     offload: bool | None = None        # stream decoder layers from host memory: True | None (auto) | False

@@ -61,6 +61,26 @@ def test_agents_quick_subset_writes_json(out_dir):
     assert all(r["success_rate"] == 1.0 for r in rec["results"]["runs"])
 
 
+def test_agents_json_says_what_the_policy_did_with_each_io_wait(out_dir):
+    rec = _only(out_dir, "agents-quick-*.json")
+    turns = rec["params"]["turns"]
+    assert rec["params"]["tool_classes_as_run_s"] == {"fixed:0.01": 0.01, "fixed:0.05": 0.05}
+    for r in rec["results"]["runs"]:
+        c = r["wait_choices"]
+        # every IO_WAIT the agents signalled was decided once (each agent waits between its turns)
+        assert c["io_waits"] == r["n"] * (turns - 1)
+        if r["policy"] == "semantic":
+            assert c["kept"] + c["parked"] + c["off_device"] == c["io_waits"] and c["ignored"] == 0
+            assert sum(c["reasons"].values()) == c["io_waits"]
+            assert c["kept_share"] + c["parked_share"] == pytest.approx(1.0)
+        else:   # resident ignores the signal: nothing kept or parked by choice
+            assert c["ignored"] == c["io_waits"] and c["kept"] == c["parked"] == 0
+    rows = rec["results"]["tool_classes"]
+    assert {(x["policy"], x["tool"], x["n"]) for x in rows} == {(p, t, 2) for p in ("semantic", "resident")
+                                                               for t in ("fixed:0.01", "fixed:0.05")}
+    assert all(x["tool_as_run_s"] == x["tool_nominal_s"] for x in rows)     # the quick preset is not compressed
+
+
 def test_resume_quick_writes_json(out_dir):
     rec = _only(out_dir, "resume-*.json")
     ctx = rec["results"]["context"]
@@ -92,6 +112,10 @@ def test_agents_quick_full_sweep_and_plots(tmp_path):
     for stem in ("agents-quick-density", "agents-quick-cdf", "agents-quick-memory", "agents-tools-quick-choice",
                  "resume-crossover"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    tools = _only(tmp_path, "agents-tools-quick-*.json")["results"]["tool_classes"]
+    semantic = [x for x in tools if x["policy"] == "semantic"]
+    assert {(x["tool"], x["n"]) for x in semantic} == {(t, n) for t in ("fixed:0.01", "fixed:0.3") for n in (2, 4)}
+    assert all(x["kept"] + x["parked"] + x["off_device"] == x["io_waits"] > 0 for x in semantic)
 
 
 def test_plot_turns_json_into_pngs(out_dir, tmp_path):

@@ -152,6 +152,7 @@ def test_io_wait_while_restoring_keeps_the_host_copy():
     gate = hold_copies(r.res, "in")
     r.res.signal(s, Phase.ACTIVE)                   # prefetch starts, held at the gate
     assert s.kv_state is KVState.RESTORING and r.pool.used_count == 2
+    s.wait_ema, s.wait_dev = 60.0, 0.0              # its tools take a minute: semantic parks, not keeps
     r.res.signal(s, Phase.IO_WAIT)
     assert s.kv_state is KVState.PARKED and len(s.host_table) == 2
     gate.event.set()

@@ -30,7 +30,7 @@ def prompts(seed: int, n: int, lo: int = 3, hi: int = 9) -> list[list[int]]:
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_twenty_parks_and_restores_change_no_token(name):
     lm = loaded(name)
-    eng = engine(lm)
+    eng = engine(lm, policy="semantic-park")      # every IO_WAIT parks, however short (semantic would keep these)
     try:
         sid = eng.open_session("m")
         history: list[int] = []

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_twenty_parks_and_restores_change_no_token(dtype):
     lm = loaded("tiny-llama", device="cuda", dtype=dtype)
-    eng = engine(lm)
+    eng = engine(lm, policy="semantic-park")      # every IO_WAIT parks, however short (semantic would keep these)
     try:
         assert eng.residency.tiers["m"].arena.run_view(0, 1).is_pinned()
         sid = eng.open_session("m")
@@ -73,5 +73,38 @@ def test_cuda_forty_agents_with_eight_times_the_device_kv():
         assert outs == expected
         pool = eng.runtimes["m"].pool
         assert pool.high_water <= pool.capacity and eng.stats()["swaps"]["in"] > 0
+    finally:
+        eng.shutdown()
+
+
+def test_cuda_semantic_keeps_short_waits_and_prefetches_long_ones_on_its_timer():
+    """semantic on CUDA: a session whose tools take ~0.4 s is parked on IO_WAIT and its restore
+    is started by the wait timer (its own thread, its own copy stream) before the client comes
+    back; one whose tools take ~1 ms keeps its KV on the device. Tokens equal transformers'."""
+    import time
+
+    lm = loaded("tiny-llama", device="cuda", dtype=torch.float16)
+    eng = engine(lm, policy="semantic")
+    try:
+        for tool_s, kept in ((0.001, True), (0.4, False)):
+            sid = eng.open_session("m")
+            history: list[int] = []
+            for turn, prompt in enumerate(prompts(3 + int(tool_s * 10), 6)):
+                out = eng.generate(sid, GenerateRequest(prompt, greedy(5)))
+                history += prompt
+                assert out.token_ids == hf_greedy(lm.model, history, 5), f"tool {tool_s} turn {turn}"
+                history += out.token_ids
+                eng.signal_phase(sid, "IO_WAIT")
+                if turn >= 2:    # the session's own history now says how long its tools take
+                    eng.residency.wait_idle()
+                    assert eng.session_info(sid)["kv_location"] == ("device" if kept else "host")
+                time.sleep(tool_s)
+                if turn >= 2 and not kept:
+                    eng.residency.wait_idle()
+                    assert eng.session_info(sid)["kv_location"] == "device"     # prefetched before ACTIVE
+                eng.signal_phase(sid, "ACTIVE")
+            eng.close_session(sid)
+        d = eng.stats()["decisions"]
+        assert d["keep"] >= 3 and d["prefetch"] >= 3 and d["reasons"]["long"] >= 3
     finally:
         eng.shutdown()

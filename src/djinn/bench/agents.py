@@ -28,7 +28,7 @@ import djinn
 from djinn.bench.agent_presets import PRESETS, AgentsPreset, resolve
 from djinn.bench.agent_runner import RunOptions, run_agents
 from djinn.bench.common import record, write
-from djinn.bench.metrics import wait_host_ready
+from djinn.bench.metrics import wait_choices, wait_host_ready
 from djinn.bench.workload import ToolTime, WorkloadSpec, build
 
 
@@ -146,10 +146,14 @@ def _line(run: dict) -> str:
 
     nr = run["no_recompute_share"]
     moved = run["bytes_moved"]
+    wc = run.get("wait_choices")
+    choice = "" if not wc or not (wc["kept"] or wc["parked"] or wc["off_device"]) else \
+        f"IO_WAITs kept {wc['kept']}/parked {wc['parked'] + wc['off_device']}, "
     return (f"[{run['policy']} {run['tool']} n={run['n']}] success {run['success_rate']:.1%} "
             f"turn p50/p99/max {ms(run['turn_ms']['p50'])}/{ms(run['turn_ms']['p99'])}/{ms(run['turn_ms']['max'])} ms, "
             f"TTFT p99 {ms(run['ttft_ms']['p99'])} ms, live agents max {run['live_agents']['max']}, "
-            f"no-recompute {'-' if nr is None else f'{nr:.0%}'}, moved {'-' if moved is None else f'{moved / 2**20:.0f} MiB'}, "
+            f"no-recompute {'-' if nr is None else f'{nr:.0%}'}, {choice}"
+            f"moved {'-' if moved is None else f'{moved / 2**20:.0f} MiB'}, "
             f"{run['wall_s']:.1f} s{' (cut short)' if run['cut_short'] else ''}{' SUSTAINED' if run['sustained'] else ''}")
 
 
@@ -234,8 +238,10 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
                                   slo_ms=cfg.slo_ms, progress=not args.no_progress,
                                   label=f"{policy} {tool} n={n}", cuda_peak=cuda_peak)
                 run = {"policy": policy, "tool": tool, "tool_mean_s": ToolTime.parse(tool).mean * cfg.time_scale,
+                       "tool_nominal_s": ToolTime.parse(tool).mean,
                        "n": n, "deadline_s": opts.deadline_s, "host_arena_wait_s": host_wait,
                        **(client.run(plans, opts) if api else run_agents(client, cfg.model, plans, opts))}
+                run["wait_choices"] = wait_choices(run.get("decisions"))
                 runs.append(run)
                 done.append(run)
                 print(_line(run), flush=True)
@@ -260,6 +266,34 @@ def summarize_policies(runs: list[dict]) -> dict[str, Any]:
         elif d["first_unsustained_n"] is None or r["n"] < d["first_unsustained_n"]:
             d["first_unsustained_n"] = r["n"]
     return out
+
+
+def tool_classes(runs: list[dict]) -> list[dict]:
+    """Per policy, tool-time class and N: what the policy did with the IO_WAITs (kept on the
+    device or parked, and why), for the runs whose server reported its decisions."""
+    rows = []
+    for r in runs:
+        wc = r.get("wait_choices")
+        if "success_rate" not in r or not wc:
+            continue
+        rows.append({"policy": r["policy"], "tool": r["tool"], "tool_nominal_s": r.get("tool_nominal_s"),
+                     "tool_as_run_s": r.get("tool_mean_s"), "n": r["n"], **wc})
+    return sorted(rows, key=lambda x: (x["policy"], x["tool_nominal_s"] or 0.0, x["n"]))
+
+
+def _print_classes(rows: list[dict]) -> None:
+    def pct(x):
+        return "-" if x is None else f"{x:.0%}"
+
+    for x in rows:
+        if not (x["kept"] or x["parked"] or x["off_device"]):
+            continue    # a policy that ignores IO_WAIT (lru, resident) or drops (recompute)
+        why = ", ".join(f"{k} {v}" for k, v in sorted(x["reasons"].items()) if k != "short")   # short: kept
+        print(f"{x['policy']} tool {x['tool']} (as run {x['tool_as_run_s']:.3g} s) N={x['n']}: "
+              f"{x['io_waits']} IO_WAITs, kept {x['kept']} ({pct(x['kept_share'])}; "
+              f"{pct(x['kept_share_estimated'])} of those with an estimate), parked {x['parked'] + x['off_device']} "
+              f"({why}); prefetches {x['prefetches']}, late parks {x['late_parks']}, "
+              f"kept then evicted {x['kept_evicted']}; estimates from {x['sources']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,14 +329,17 @@ def main(argv: list[str] | None = None) -> int:
               "tool_to_compute_ratio_mean": ratio,
               "arrival_rate_as_run_per_s": cfg.rate / cfg.time_scale if cfg.rate > 0 else None,
               "time_scale_applies_to": "arrival gaps and tool times (compute is never scaled)",
+              "tool_classes_as_run_s": {t: ToolTime.parse(t).mean * cfg.time_scale for t in cfg.tools},
               "mode": "http" if args.api == "openai" else "remote" if args.address else "embedded",
               "api": args.api}
     for r in runs:
         r["api"] = args.api
-    results = {"policies": summarize_policies(runs), "runs": runs, "api": args.api}
+    results = {"policies": summarize_policies(runs), "tool_classes": tool_classes(runs), "runs": runs,
+               "api": args.api}
     dev = torch.device(device) if device.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
     write(record("agents", dev, params, results), args.out, stem=f"agents-{label}")
     for policy, tools in results["policies"].items():
         for tool, d in tools.items():
             print(f"{policy} {tool}: largest N sustained {d['max_sustained_n']}, first N not {d['first_unsustained_n']}")
+    _print_classes(results["tool_classes"])
     return 0

@@ -7,9 +7,10 @@ the same policy, tool time and N the newest file wins). Per preset:
   (the cliff), the SLO dashed;
 - ``agents-PRESET-cdf``: turn-latency CDFs per policy at the largest N every policy ran;
 - ``agents-PRESET-memory``: device KV, host KV and their budgets over time for one run;
-- ``agents-PRESET-choice`` (presets with several tool times): the policy's keep/park/drop
-  decisions versus tool time when the server reports them, else bytes moved per turn, and p99
-  turn latency versus tool time.
+- ``agents-PRESET-choice`` (presets with several tool times): per tool-time class (and N), the
+  share of IO_WAITs the ``semantic`` policy kept on the device versus parked, by reason (when
+  the server reports its decisions; else bytes moved per turn), and p99 turn latency versus
+  tool time per policy.
 From the newest resume file: ``resume-crossover``: time to resume versus context and versus
 pause depth, one line per method, crossings marked.
 """
@@ -21,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-POLICY_ORDER = ("semantic", "lru", "recompute", "resident")
+POLICY_ORDER = ("semantic", "semantic-park", "lru", "recompute", "resident")
 
 
 def _plt():
@@ -170,42 +171,95 @@ def memory(preset: str, slot: dict, out: Path, policy: str, n: int | None) -> li
     return _save(fig, out, f"agents-{preset}-memory")
 
 
+KEEP_PARK = (  # (label, colour, how many of a run's IO_WAITs it counts)
+    ("kept: own history", "tab:green", lambda c: c["kept"] - (c.get("kept_by_source") or {}).get("server", 0)),
+    ("kept: server-wide estimate", "yellowgreen", lambda c: (c.get("kept_by_source") or {}).get("server", 0)),
+    ("parked: long wait", "tab:blue", lambda c: c["reasons"].get("long", 0)),
+    ("parked: memory needed", "tab:orange", lambda c: c["reasons"].get("memory_needed", 0)),
+    ("parked: no estimate yet", "tab:gray", lambda c: c["reasons"].get("no_estimate", 0)),
+    ("parked: other", "tab:purple", lambda c: c["parked"] - sum(c["reasons"].get(k, 0) for k in
+                                                                 ("long", "memory_needed", "no_estimate"))),
+    ("already off the device", "lightgray", lambda c: c["off_device"]),
+)
+
+
+def _keep_park(ax, preset: str, runs: list[dict]) -> bool:
+    """Stacked bars: per tool-time class (and N), the share of IO_WAITs the policy kept on the
+    device versus parked (by reason). False when no run reported keep/park decisions."""
+    rows = [r for r in runs if (r.get("wait_choices") or {}).get("kept", 0) + (r.get("wait_choices") or {}).get(
+        "parked", 0) + (r.get("wait_choices") or {}).get("off_device", 0) > 0]
+    if not rows:
+        return False
+    policy = "semantic" if any(r["policy"] == "semantic" for r in rows) else rows[0]["policy"]
+    rows = [r for r in rows if r["policy"] == policy]
+    tools = sorted({r["tool"] for r in rows}, key=lambda t: next(r.get("tool_nominal_s") or r["tool_mean_s"]
+                                                                  for r in rows if r["tool"] == t))
+    ns = sorted({r["n"] for r in rows})
+    width = 0.8 / len(ns)
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        for j, n in enumerate(ns):
+            run = next((r for r in rows if r["tool"] == tool and r["n"] == n), None)
+            if run is None:
+                continue
+            c = run["wait_choices"]
+            total = c["kept"] + c["parked"] + c["off_device"]
+            x = i - 0.4 + width * (j + 0.5)
+            bottom = 0.0
+            for label, colour, count in KEEP_PARK:
+                share = 100.0 * count(c) / total
+                if share > 0:
+                    ax.bar(x, share, width * 0.9, bottom=bottom, color=colour)
+                    seen.add(label)
+                    bottom += share
+            ax.annotate(f"N={n}\n{total}", (x, 101), ha="center", va="bottom", fontsize=6)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=colour, label=label) for label, colour, _ in KEEP_PARK if label in seen],
+              fontsize=6, loc="upper center", ncol=3)
+    scale = {r["tool"]: r["tool_mean_s"] for r in rows}
+    ax.set_xticks(range(len(tools)))
+    ax.set_xticklabels([f"{t.split(':', 1)[-1]} s\n(as run {scale[t]:.3g} s)" for t in tools], fontsize=7)
+    ax.set(xlabel="tool time (nominal)", ylabel="share of IO_WAITs (%)", ylim=(0, 140), yticks=range(0, 101, 20),
+           title=f"{preset}: {policy}'s choice per IO_WAIT")
+    return True
+
+
 def choice(preset: str, slot: dict, out: Path) -> list[Path]:
+    """The policy's choice versus tool time: the share of IO_WAITs kept on the device versus
+    parked (when the server reports its decisions; else bytes moved per turn), and p99 turn
+    latency versus tool time per policy."""
     runs = slot["runs"]
     if len({r["tool"] for r in runs}) < 2:
         return []
     plt = _plt()
     n = max(r["n"] for r in runs)
-    runs = [r for r in runs if r["n"] == n]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    with_decisions = [r for r in runs if isinstance(r.get("decisions"), dict) and r["decisions"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if not _keep_park(ax1, preset, runs):
+        for policy in _policies(runs):
+            pts = sorted((r["tool_mean_s"], r) for r in runs if r["policy"] == policy and r["n"] == n)
+            ax1.plot([x for x, _ in pts], [(r["bytes_moved_per_turn"] or 0) / 2 ** 20
+                                           if r["bytes_moved_per_turn"] is not None else float("nan")
+                                           for _, r in pts], marker="o", label=policy)
+        if all(r["bytes_moved_per_turn"] is None for r in runs):
+            ax1.text(0.5, 0.5, "this server reports neither decisions\nnor bytes moved in its stats", ha="center",
+                     va="center", fontsize=8, transform=ax1.transAxes)
+        ax1.set(xlabel="tool time (s, as run)", xscale="log", ylabel="MiB moved per completed turn",
+                title=f"{preset}: bytes moved per turn (no decision counts in stats), N={n}")
+        ax1.grid(alpha=0.3)
     for policy in _policies(runs):
-        pts = sorted((r["tool_mean_s"], r) for r in runs if r["policy"] == policy)
-        xs = [x for x, _ in pts]
-        if with_decisions:
-            kinds = sorted({k for r in with_decisions for k, v in r["decisions"].items() if isinstance(v, (int, float))})
-            for kind in kinds:
-                ys = [(r.get("decisions") or {}).get(kind) for _, r in pts]
-                if any(y for y in ys):
-                    ax1.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o",
-                             label=f"{policy}: {kind}")
-        else:
-            ax1.plot(xs, [(r["bytes_moved_per_turn"] or 0) / 2 ** 20 if r["bytes_moved_per_turn"] is not None
-                          else float("nan") for _, r in pts], marker="o", label=policy)
-        ax2.plot(xs, [r["turn_ms"]["p99"] if r["turn_ms"]["p99"] is not None else float("nan") for _, r in pts],
-                 marker="o", label=policy)
-    if not with_decisions and all(r["bytes_moved_per_turn"] is None for r in runs):
-        ax1.text(0.5, 0.5, "this server reports neither decisions\nnor bytes moved in its stats", ha="center",
-                 va="center", fontsize=8, transform=ax1.transAxes)
-    ax1.set(xlabel="tool time (s, as run)", xscale="log",
-            ylabel="decisions in the run" if with_decisions else "MiB moved per completed turn",
-            title=f"{preset}: the policy's choice, N={n}" if with_decisions else
-            f"{preset}: bytes moved per turn (no decision counts in stats), N={n}")
+        pts = sorted((r["tool_mean_s"], r) for r in runs if r["policy"] == policy and r["n"] == n)
+        ax2.plot([x for x, _ in pts], [r["turn_ms"]["p99"] if r["turn_ms"]["p99"] is not None else float("nan")
+                                       for _, r in pts], marker="o", label=policy)
     ax2.set(xlabel="tool time (s, as run)", xscale="log", ylabel="p99 turn latency (ms)", yscale="log",
-            title=f"{preset}: p99 turn latency vs tool time")
+            title=f"{preset}: p99 turn latency vs tool time, N={n}")
+    ax2.grid(alpha=0.3)
     for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    scale = slot["params"].get("time_scale")
+    if scale not in (None, 1, 1.0):
+        fig.suptitle(f"tool times and arrival gaps compressed x{scale} as run (compute is not)", fontsize=8)
     return _save(fig, out, f"agents-{preset}-choice")
 
 

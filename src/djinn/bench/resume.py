@@ -174,8 +174,9 @@ def context_part(args, device, dtype) -> dict:
             bar.update(1)
         del lm
         _free()
+    # semantic-park: every IO_WAIT parks at once (semantic would keep the KV of these quick waits)
     client = djinn.connect(models=[args.model], device=str(device), dtype=args.dtype, gpu_memory=args.gpu_memory,
-                           host_memory=args.host_memory, policy="semantic", seed=args.seed)
+                           host_memory=args.host_memory, policy="semantic-park", seed=args.seed)
     try:
         vocab = client.model(args.model).config.vocab_size
         wait_host_ready(client)
@@ -216,7 +217,8 @@ def _crossings(xs: list, curves: dict) -> dict:
 
 def depth_part(args, device) -> dict:
     client = djinn.connect(models=[args.depth_model], device=str(device), dtype=args.dtype,
-                           gpu_memory=args.gpu_memory, host_memory=args.host_memory, policy="semantic", seed=args.seed)
+                           gpu_memory=args.gpu_memory, host_memory=args.host_memory, policy="semantic-park",
+                           seed=args.seed)
     try:
         m = client.model(args.depth_model)
         wait_host_ready(client)

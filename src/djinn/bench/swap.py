@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         args.gpu_memory = "30GiB"
     if args.oversub and not args.quick and args.host_memory == "8GiB":
         args.host_memory = "40GiB"
-    mem = MemoryConfig(gpu_memory=args.gpu_memory, host_memory=args.host_memory, policy="semantic")
+    # semantic-park: every IO_WAIT parks, however short (semantic would keep the KV of these quick signals)
+    mem = MemoryConfig(gpu_memory=args.gpu_memory, host_memory=args.host_memory, policy="semantic-park")
     if args.quick:   # tiny-llama blocks are 12 KiB; --oversub: a pool of 64 blocks for 16 x 13 blocks of KV
         mem.kv_blocks = 65 if args.oversub else 400
     engine = Engine({args.model: lm}, EngineConfig(memory=mem))

@@ -40,14 +40,13 @@ import torch
 
 from djinn.config import MemoryConfig
 from djinn.engine.session import Phase, Session
+from djinn.engine.timers import Timers
 from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
 from djinn.memory.blocks import BlockPool
 from djinn.memory.cow import copy_blocks, privatize, shared_in_range
 from djinn.memory.host import HostArena
 from djinn.memory.pager import IN, OUT, Pager, Transfer
-from djinn.memory.policy import Action, Candidate, KVState, make_policy
-
-WAIT_EMA_WEIGHT = 0.5        # weight of the newest IO_WAIT duration in a session's typical wait
+from djinn.memory.policy import Action, Candidate, CopyRates, KVState, Room, WaitHistory, WaitPlan, make_policy
 
 
 @dataclass
@@ -70,6 +69,21 @@ class _Move:
     cancelled: bool = False      # the session no longer wants the result
 
 
+@dataclass(eq=False)
+class _Wait:
+    """One IO_WAIT of one session: the policy's plan and its timers (``session.wait_plan``).
+    A timer acts only while this object is still the session's plan."""
+
+    since: float                 # the wait's start (``session.phase_since``)
+    plan: WaitPlan
+    kept: bool = False           # the KV is on the device by choice (kept, or prefetched early)
+    timers: list = field(default_factory=list)
+
+    def cancel(self) -> None:
+        for h in self.timers:
+            h.cancel()
+
+
 class Residency:
     def __init__(self, config: MemoryConfig, device: torch.device):
         self.config = config
@@ -82,6 +96,16 @@ class Residency:
         self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
         self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0,
                          "forks": 0, "cow_copies": 0}
+        # IO_WAIT decisions (memory.policy.plan_wait), what the wait timers did, and the waits seen
+        self.clock = time.monotonic
+        self.waits = WaitHistory()
+        self.decisions: dict = {"io_wait": 0, "keep": 0, "park": 0, "drop": 0, "off": 0, "none": 0,
+                                "reasons": {}, "sources": {"session": 0, "server": 0, "none": 0},
+                                "keep_sources": {"session": 0, "server": 0},
+                                "expected_wait_s": {"keep": 0.0, "park": 0.0},
+                                "prefetch": 0, "prefetch_no_room": 0, "late_park": 0, "kept_evicted": 0}
+        self._timers: Timers | None = None
+        self._last_pressure: float | None = None     # when a request last had to evict (clock)
 
     # ---- set-up -----------------------------------------------------------------------
     def add_model(self, name: str, pool: BlockPool, host_blocks: int) -> HostArena:
@@ -156,11 +180,12 @@ class Residency:
                 self._start_wanted_prefetches()
 
     def _set_phase(self, s: Session, phase: Phase) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if s.phase is Phase.IO_WAIT and phase is not Phase.IO_WAIT:
-            waited = now - s.phase_since
-            s.wait_ema = waited if s.wait_ema is None else (
-                WAIT_EMA_WEIGHT * waited + (1 - WAIT_EMA_WEIGHT) * s.wait_ema)
+            s.wait_ema, s.wait_dev = self.waits.update(s.wait_ema, s.wait_dev, now - s.phase_since)
+            if s.wait_plan is not None:
+                s.wait_plan.cancel()
+                s.wait_plan = None
         if phase is not s.phase:
             s.phase_since = now
         s.phase = phase
@@ -168,6 +193,9 @@ class Residency:
             s.prefetch_wanted = False
 
     def _apply_signal(self, s: Session) -> None:
+        if s.phase is Phase.IO_WAIT:
+            self._plan_wait(s)
+            return
         action = self.policy.on_signal(self._candidate(s))
         if action is Action.PARK:
             self._park(s, allow_drop=False)
@@ -175,6 +203,81 @@ class Residency:
             self._drop(s)
         elif action is Action.PREFETCH:
             self._prefetch(s)
+
+    # ---- IO_WAIT plans: keep or park, prefetch before the return (under the lock) ------
+    def _plan_wait(self, s: Session) -> None:
+        """Ask the policy what to do with ``s``'s KV for its current IO_WAIT, do it, count it
+        (once per wait), and set the plan's timers."""
+        plan = self.policy.plan_wait(self._candidate(s), self._room_now(s.model), self._rates())
+        old = s.wait_plan
+        if old is not None:
+            old.cancel()
+        w = _Wait(s.phase_since, plan, kept=plan.action is Action.KEEP)
+        s.wait_plan = w
+        if old is None or old.since != s.phase_since:      # a new wait (not the same one planned again)
+            self._count_decision(plan)
+        if plan.action is Action.PARK:
+            self._park(s, allow_drop=False)
+        elif plan.action is Action.DROP:
+            self._drop(s)
+        for kind, at in (("prefetch", plan.prefetch_at_s), ("recheck", plan.recheck_at_s)):
+            if at is not None:
+                if self._timers is None:
+                    self._timers = Timers(clock=self.clock, name="djinn-wait-timers")
+                w.timers.append(self._timers.at(w.since + at, lambda kind=kind: self._wait_timer(s, w, kind)))
+
+    def _wait_timer(self, s: Session, w: _Wait, kind: str) -> None:
+        """A wait plan's timer (timer thread): prefetch ahead of the expected return (only into
+        free room: a prediction never evicts anyone), or park a wait that overran its estimate."""
+        with self.lock:
+            tier = self.tiers.get(s.model)
+            if s.wait_plan is not w or s.busy or s.phase is not Phase.IO_WAIT or tier is None \
+                    or tier.sessions.get(s.id) is not s:
+                return
+            self._reap()
+            action = self.policy.on_wait_timer(self._candidate(s), kind, self._room_now(s.model))
+            if action is Action.PREFETCH:
+                if s.kv_state is KVState.PARKING:
+                    self._cancel(s)                  # the device copy is intact: keep it
+                else:
+                    self._start_restore(s)
+                w.kept = True
+                self.decisions["prefetch"] += 1
+            elif kind == "prefetch" and s.kv_state in (KVState.PARKING, KVState.PARKED):
+                self.decisions["prefetch_no_room"] += 1   # no free room, or the memory is needed
+            elif action is Action.PARK:
+                w.kept = False
+                self._park(s, allow_drop=False)
+                self.decisions["late_park"] += 1
+
+    def _room_now(self, model: str) -> Room:
+        tier = self.tiers[model]
+        wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == model and x.prefetch_wanted)
+        return Room(free_blocks=tier.pool.free_count, wanted_blocks=wanted,
+                    pressure_age_s=None if self._last_pressure is None else self.clock() - self._last_pressure)
+
+    def _count_decision(self, plan: WaitPlan) -> None:
+        d = self.decisions
+        d["io_wait"] += 1
+        d[plan.outcome] += 1
+        d["reasons"][plan.reason] = d["reasons"].get(plan.reason, 0) + 1
+        d["sources"][plan.source or "none"] += 1
+        if plan.action is Action.KEEP:
+            d["keep_sources"][plan.source] += 1
+        if plan.expected_s is not None and plan.outcome in d["expected_wait_s"]:
+            d["expected_wait_s"][plan.outcome] += plan.expected_s
+
+    def _note_evicted(self, s: Session) -> None:
+        """Pressure wins over a keep: count a kept session evicted for room."""
+        if s.wait_plan is not None and s.wait_plan.kept:
+            s.wait_plan.kept = False
+            self.decisions["kept_evicted"] += 1
+
+    def _rates(self) -> CopyRates:
+        """Copy bandwidth as measured so far, else the configured default."""
+        copies = self.pager.stats()
+        default = self.config.copy_gbps
+        return CopyRates(out_gbps=copies[OUT]["gbps"] or default, in_gbps=copies[IN]["gbps"] or default)
 
     # ---- turns (engine loop) ----------------------------------------------------------
     def begin_turn(self, s: Session, tokens: int, activate: bool = True) -> dict:
@@ -399,12 +502,17 @@ class Residency:
     # ---- the moves (under the lock) ---------------------------------------------------
     def _candidate(self, s: Session) -> Candidate:
         pool = self.tiers[s.model].pool
-        expected = None
-        if s.phase is Phase.IO_WAIT and s.wait_ema is not None:
-            expected = s.wait_ema - (time.monotonic() - s.phase_since)
+        expected, waited, est = None, 0.0, None
+        if s.phase is Phase.IO_WAIT:
+            waited = self.clock() - s.phase_since
+            est = self.waits.estimate(s.wait_ema, s.wait_dev)
+            expected = None if est is None else est.mean_s - waited
+        blocks = max(len(s.block_table), len(s.host_table))
         return Candidate(id=s.id, phase=s.phase.value, state=s.kv_state, blocks=len(s.block_table),
                          reclaimable=sum(1 for b in s.block_table if pool.refcount(b) == 1),
-                         idle_since=s.last_used, expected_back_s=expected)
+                         idle_since=s.last_used, expected_back_s=expected,
+                         kv_bytes=blocks * pool.shape.block_bytes, waited_s=waited, wait=est,
+                         kept=s.wait_plan is not None and s.wait_plan.kept, host_blocks=len(s.host_table))
 
     def _room(self, model: str, need: int, protect: set[str]) -> Transfer | None:
         """Start what makes ``need`` blocks free. None if they are free now, else a copy to wait
@@ -425,6 +533,7 @@ class Residency:
             cands = [self._candidate(x) for x in tier.sessions.values()
                      if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
             plan = self.policy.victims(cands, short, tier.arena.free_count)
+            self._last_pressure = self.clock()       # the memory is needed: semantic keeps nothing for a while
             if plan is None and self.policy.moves_kv:
                 # sessions being restored (prefetched) become evictable when their copy lands
                 restoring = [m for m in self.moves if m.model == model and m.kind == IN and not m.cancelled
@@ -439,6 +548,7 @@ class Residency:
                     + "; retry later, close sessions, or raise --gpu-memory")
             for sid, action in plan:
                 victim = tier.sessions[sid]
+                self._note_evicted(victim)
                 if action is Action.PARK:
                     self._park(victim, allow_drop=True)
                 else:
@@ -627,6 +737,9 @@ class Residency:
                           "cancelled": self.counters["cancelled"]},
                 "bytes_moved": {"out": copies[OUT]["bytes"], "in": copies[IN]["bytes"]},
                 "bandwidth_gbps": {"out": copies[OUT]["gbps"], "in": copies[IN]["gbps"]},
+                "decisions": _copy(self.decisions),
+                "wait_estimate_s": (lambda e: None if e is None else {"mean": e.mean_s, "dev": e.dev_s})(
+                    self.waits.server()),
             }
 
     def close(self) -> None:
@@ -634,6 +747,12 @@ class Residency:
             self.wait_idle(timeout=60)
         except TimeoutError:  # pragma: no cover
             pass
+        if self._timers is not None:
+            self._timers.close()
         self.pager.close()
         for tier in self.tiers.values():
             tier.arena.close()
+
+
+def _copy(d: dict) -> dict:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in d.items()}

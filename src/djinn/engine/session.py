@@ -51,7 +51,9 @@ class Session:
     kv_epoch: int = 0                                     # bumped whenever block_table's blocks change place
     busy: bool = False                                    # a turn is running: never moved meanwhile
     phase_since: float = field(default_factory=time.monotonic)
-    wait_ema: float | None = None                         # typical IO_WAIT duration of this session (s)
+    wait_ema: float | None = None                         # its IO_WAITs' weighted mean length (s)
+    wait_dev: float | None = None                         # ... and their weighted mean deviation (s)
+    wait_plan: object = field(default=None, repr=False)   # the policy's plan for the current IO_WAIT
     move: object = field(default=None, repr=False)        # the copy in flight, if any
     prefetch_wanted: bool = False                         # ACTIVE came while the device had no room yet
     rebuild_to: int = 0                                   # dropped: tokens[:rebuild_to] had KV; recompute them first

@@ -14,6 +14,8 @@ import threading
 
 import torch
 
+from djinn.memory.policy import POLICIES
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m djinn.server.http")
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpu-memory", default=None)
     p.add_argument("--host-memory", default=None)
-    p.add_argument("--policy", default="semantic", choices=["semantic", "lru", "recompute", "resident"])
+    p.add_argument("--policy", default="semantic", choices=list(POLICIES))
     p.add_argument("--kv-blocks", type=int, default=None, help="explicit device KV block count (tests)")
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
