@@ -84,6 +84,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512    # prompt tokens per step, shared by all prefilling turns
     max_batch: int = 64                # sequences per step
     cuda_graphs: bool = True           # replay captured decode steps on CUDA
+    prefix_sharing: bool = True        # store identical full KV blocks of one owner once (memory/prefix.py)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from djinn.config import MemoryConfig
+from djinn.engine import sharing
 from djinn.engine.session import Phase, Session
 from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
 from djinn.memory.blocks import BlockPool
@@ -46,6 +47,7 @@ from djinn.memory.cow import copy_blocks, privatize, shared_in_range
 from djinn.memory.host import HostArena
 from djinn.memory.pager import IN, OUT, Pager, Transfer
 from djinn.memory.policy import Action, Candidate, KVState, make_policy
+from djinn.memory.prefix import PrefixIndex
 
 WAIT_EMA_WEIGHT = 0.5        # weight of the newest IO_WAIT duration in a session's typical wait
 
@@ -57,6 +59,7 @@ class _Tier:
     pool: BlockPool
     arena: HostArena
     sessions: dict[str, Session] = field(default_factory=dict)
+    prefix: PrefixIndex | None = None      # automatic prefix sharing (engine/sharing.py), None when off
 
 
 @dataclass(eq=False)
@@ -71,8 +74,9 @@ class _Move:
 
 
 class Residency:
-    def __init__(self, config: MemoryConfig, device: torch.device):
+    def __init__(self, config: MemoryConfig, device: torch.device, prefix_sharing: bool = True):
         self.config = config
+        self.prefix_sharing = prefix_sharing
         self.device = torch.device(device)
         self.policy = make_policy(config.policy)
         self.pager = Pager(self.device)
@@ -89,6 +93,9 @@ class Residency:
         arena = HostArena(pool.shape, host_blocks, pin=pin, chunk_bytes=self.config.host_chunk_bytes)
         with self.lock:
             self.tiers[name] = _Tier(pool, arena)
+            if self.prefix_sharing:
+                index = self.tiers[name].prefix = PrefixIndex()
+                pool.on_free = index.forget        # a freed block no longer holds its key's KV
         return arena
 
     def register(self, s: Session) -> None:
@@ -215,6 +222,8 @@ class Residency:
                 extra = s.block_table[keep:]
                 del s.block_table[keep:]
                 tier.pool.release(extra)
+            if tier.prefix is not None and s.kv_state is KVState.DEVICE:
+                sharing.publish(tier.pool, tier.prefix, s)   # its full blocks may serve other sessions
             if self.pager.cuda:
                 s.kv_ready = torch.cuda.current_stream(self.device).record_event()
             self._reap()
@@ -295,6 +304,11 @@ class Residency:
                 tier = self.tiers[s.model]
                 pool = tier.pool
                 extend = max(0, pool.shape.blocks_for(tokens) - len(s.block_table))
+                if tier.prefix is not None and tokens > s.num_cached:
+                    # an indexed block about to be written (after a truncation) leaves the index
+                    bs = pool.shape.block_size
+                    tier.prefix.forget_many(b for b in s.block_table[s.num_cached // bs:]
+                                            if pool.refcount(b) == 1)
                 shared = shared_in_range(pool, s.block_table, s.num_cached, tokens)
                 if extend + len(shared) == 0:
                     return waited
@@ -312,6 +326,20 @@ class Residency:
             t = time.perf_counter()
             waiter.wait()
             waited += time.perf_counter() - t
+
+    def share_prefix(self, s: Session, end: int, lookup: bool = True, taint: bool = False) -> int:
+        """Automatic prefix sharing before a forward of ``tokens[num_cached:end]`` (blocks
+        reserved by ``begin_turn``): full blocks whose content another session holds on the device
+        are shared and skipped (``engine.sharing.take``). ``taint``: this forward changes K/V
+        (an intervention), so nothing from here on is shared; ``lookup`` False: the forward must
+        compute every token itself (white-box). Returns the tokens skipped."""
+        with self.lock:
+            if taint:
+                sharing.taint(s)
+            tier = self.tiers[s.model]
+            if tier.prefix is None or not lookup or s.kv_state is not KVState.DEVICE:
+                return 0
+            return sharing.take(tier.pool, tier.prefix, s, end)
 
     def fork(self, parent: Session, child: Session, inflight: int = 0) -> None:
         """Give ``child`` (new, unregistered) ``parent``'s KV without copying it: device blocks
@@ -338,6 +366,7 @@ class Residency:
         pool = tier.pool
         child.num_cached, child.rebuild_to = parent.num_cached, parent.rebuild_to
         child.kv_ready = parent.kv_ready
+        child.kv_clean_to = parent.kv_clean_to
         st = parent.kv_state
         if st is KVState.PARKED:
             tier.arena.share(parent.host_table)   # parked KV is only read (by restores): share it all
@@ -460,7 +489,7 @@ class Residency:
             if m.kind == OUT and not m.cancelled:
                 n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
             elif m.kind == IN and m.cancelled:
-                n += len(m.device_blocks)
+                n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
         return n
 
     def _park(self, s: Session, allow_drop: bool) -> None:
@@ -483,8 +512,19 @@ class Residency:
 
     def _start_restore(self, s: Session) -> None:
         tier = self.tiers[s.model]
-        dev = tier.pool.allocate(len(s.host_table))
-        tr = self.pager.restore(tier.arena, s.host_table, tier.pool, dev)
+        n = len(s.host_table)
+        # blocks whose content is live on the device (prefix sharing) are shared, not copied back
+        live = sharing.reshare(tier.pool, tier.prefix, s, n) if tier.prefix is not None else {}
+        todo = [j for j in range(n) if j not in live]
+        try:
+            fresh = tier.pool.allocate(len(todo))
+        except BaseException:
+            tier.pool.release(list(live.values()))
+            raise
+        dev = [live.get(j, 0) for j in range(n)]
+        for j, b in zip(todo, fresh):
+            dev[j] = b
+        tr = self.pager.restore(tier.arena, [s.host_table[j] for j in todo], tier.pool, fresh)
         s.move = _Move(s, s.model, IN, dev, list(s.host_table), tr)
         self.moves.append(s.move)
         s.kv_state = KVState.RESTORING
@@ -572,6 +612,8 @@ class Residency:
                 s.block_table[:] = m.device_blocks       # in place: the same list object
                 s.kv_state = KVState.DEVICE
                 self.counters["restored"] += 1
+                if tier.prefix is not None:               # the blocks copied back may serve others
+                    sharing.publish(tier.pool, tier.prefix, s, dedupe=False)
             s.kv_epoch += 1
         self.moves = still
 
@@ -602,13 +644,20 @@ class Residency:
             copies = self.pager.stats()
             used = sum(t.pool.used_count for t in self.tiers.values())
             shared = sum(t.pool.shared_count for t in self.tiers.values())
+            logical = sum(t.pool.logical_count for t in self.tiers.values())
             sharing = {
                 "kv_shared": sum(t.pool.shared_count * t.pool.shape.block_bytes for t in self.tiers.values()),
                 "kv_unshared_equivalent": sum(t.pool.logical_count * t.pool.shape.block_bytes
                                               for t in self.tiers.values()),
                 "shared_blocks": shared,
-                "sharing_ratio": shared / used if used else 0.0,   # of the device blocks held, shared ones
+                # logical KV (what the holders would need unshared) / physical KV (device blocks held)
+                "sharing_ratio": logical / used if used else 1.0,
+                "shared_fraction": shared / used if used else 0.0,   # of the device blocks held, shared ones
                 "forks": self.counters["forks"], "cow_copies": self.counters["cow_copies"],
+                "prefix_sharing": self.prefix_sharing,
+                "prefix_indexed_blocks": sum(len(t.prefix) for t in self.tiers.values() if t.prefix is not None),
+                "prefix_hits": sum(t.prefix.hits for t in self.tiers.values() if t.prefix is not None),
+                "prefix_deduped": sum(t.prefix.deduped for t in self.tiers.values() if t.prefix is not None),
             }
             return {
                 "sharing": sharing,
