@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -60,6 +62,7 @@ class _Tier:
     arena: HostArena
     sessions: dict[str, Session] = field(default_factory=dict)
     prefix: PrefixIndex | None = None      # automatic prefix sharing (engine/sharing.py), None when off
+    host_prefix: PrefixIndex | None = None # the same for parked KV in the host arena
 
 
 @dataclass(eq=False)
@@ -94,8 +97,10 @@ class Residency:
         with self.lock:
             self.tiers[name] = _Tier(pool, arena)
             if self.prefix_sharing:
-                index = self.tiers[name].prefix = PrefixIndex()
-                pool.on_free = index.forget        # a freed block no longer holds its key's KV
+                tier = self.tiers[name]
+                tier.prefix, tier.host_prefix = PrefixIndex(), PrefixIndex()
+                pool.on_free = tier.prefix.forget          # a freed block no longer holds its key's KV
+                arena.on_free = tier.host_prefix.forget
         return arena
 
     def register(self, s: Session) -> None:
@@ -453,6 +458,7 @@ class Residency:
         if short > 0:
             cands = [self._candidate(x) for x in tier.sessions.values()
                      if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
+            self._credit_shared(tier, cands)
             plan = self.policy.victims(cands, short, tier.arena.free_count)
             if plan is None and self.policy.moves_kv:
                 # sessions being restored (prefetched) become evictable when their copy lands
@@ -479,18 +485,34 @@ class Residency:
                 return m.transfer
         raise CapacityError(f"no room for {need} KV blocks on {pool.device} and nothing is being freed")  # pragma: no cover
 
+    def _credit_shared(self, tier: _Tier, cands: list[Candidate]) -> None:
+        """A block shared (a fork, a common prefix) only by candidates comes free once all of them
+        are evicted: each holder is credited its share of it (``Fraction(1, holders)``), so the
+        policy sees that evicting all of them frees it, and never counts a block that a running
+        session or another, protected one still holds."""
+        pool = tier.pool
+        holders = Counter(b for c in cands for b in tier.sessions[c.id].block_table if pool.refcount(b) > 1)
+        if not holders:
+            return
+        for c in cands:
+            table = tier.sessions[c.id].block_table
+            c.reclaimable += sum((Fraction(1, k) for b in table if pool.refcount(b) > 1
+                                  for k in (holders[b],) if k == pool.refcount(b)), Fraction(0))
+
     def _incoming(self, model: str) -> int:
-        """Device blocks that copies in flight will free when they complete."""
+        """Device blocks that copies in flight will free when they complete (a shared block
+        only if every one of its holders is being parked)."""
         pool = self.tiers[model].pool
         n = 0
+        parking: Counter = Counter()
         for m in self.moves:
             if m.model != model:
                 continue
             if m.kind == OUT and not m.cancelled:
-                n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
+                parking.update(m.device_blocks)
             elif m.kind == IN and m.cancelled:
                 n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
-        return n
+        return n + sum(1 for b, k in parking.items() if pool.refcount(b) == k)
 
     def _park(self, s: Session, allow_drop: bool) -> None:
         if s.kv_state is KVState.RESTORING:
@@ -500,12 +522,20 @@ class Residency:
             return
         tier = self.tiers[s.model]
         n = len(s.block_table)
-        if tier.arena.free_count < n:
+        # blocks whose content another parked session already holds on the host are shared, not copied
+        bs = tier.pool.shape.block_size
+        live = sharing.reshare(tier.arena, tier.host_prefix, s, n, bs) if tier.host_prefix is not None else {}
+        todo = [j for j in range(n) if j not in live]
+        if tier.arena.free_count < len(todo):
+            tier.arena.release(list(live.values()))
             if allow_drop:
                 self._drop(s)                  # no room on either tier: recompute later
             return
-        host = tier.arena.allocate(n)
-        tr = self.pager.park(tier.pool, s.block_table, tier.arena, host, after=s.kv_ready)
+        fresh = tier.arena.allocate(len(todo))
+        host = [live.get(j, 0) for j in range(n)]
+        for j, b in zip(todo, fresh):
+            host[j] = b
+        tr = self.pager.park(tier.pool, [s.block_table[j] for j in todo], tier.arena, fresh, after=s.kv_ready)
         s.move = _Move(s, s.model, OUT, list(s.block_table), host, tr)
         self.moves.append(s.move)
         s.kv_state = KVState.PARKING
@@ -514,7 +544,8 @@ class Residency:
         tier = self.tiers[s.model]
         n = len(s.host_table)
         # blocks whose content is live on the device (prefix sharing) are shared, not copied back
-        live = sharing.reshare(tier.pool, tier.prefix, s, n) if tier.prefix is not None else {}
+        bs = tier.pool.shape.block_size
+        live = sharing.reshare(tier.pool, tier.prefix, s, n, bs) if tier.prefix is not None else {}
         todo = [j for j in range(n) if j not in live]
         try:
             fresh = tier.pool.allocate(len(todo))
@@ -606,6 +637,8 @@ class Residency:
                 s.host_table[:] = m.host_blocks
                 s.kv_state = KVState.PARKED
                 self.counters["parked"] += 1
+                if tier.host_prefix is not None:          # later parks of the same blocks share these
+                    sharing.publish_table(tier.host_prefix, s, s.host_table, tier.pool.shape.block_size)
             else:
                 tier.arena.release(m.host_blocks)
                 s.host_table.clear()
@@ -613,7 +646,7 @@ class Residency:
                 s.kv_state = KVState.DEVICE
                 self.counters["restored"] += 1
                 if tier.prefix is not None:               # the blocks copied back may serve others
-                    sharing.publish(tier.pool, tier.prefix, s, dedupe=False)
+                    sharing.publish_table(tier.prefix, s, s.block_table, tier.pool.shape.block_size)
             s.kv_epoch += 1
         self.moves = still
 
@@ -657,6 +690,7 @@ class Residency:
                 "prefix_sharing": self.prefix_sharing,
                 "prefix_indexed_blocks": sum(len(t.prefix) for t in self.tiers.values() if t.prefix is not None),
                 "prefix_hits": sum(t.prefix.hits for t in self.tiers.values() if t.prefix is not None),
+                "prefix_host_hits": sum(t.host_prefix.hits for t in self.tiers.values() if t.host_prefix is not None),
                 "prefix_deduped": sum(t.prefix.deduped for t in self.tiers.values() if t.prefix is not None),
             }
             return {

@@ -12,8 +12,9 @@ The residency calls these under its lock, at three points:
   computed blocks enter the index; a block whose key another block already holds is swapped for
   that one (``dedupe``), so sessions that computed the same prefix at the same time converge
   to one copy;
-- ``reshare`` when a parked session is restored: the blocks whose key is live on the device
-  are shared instead of copied back from the host.
+- ``reshare`` when a session is restored (parked): the blocks whose key is live on the device
+  (in the host arena) are shared instead of copied, so a common prefix moves once for all its
+  owners; ``publish_table`` indexes the blocks a finished copy filled.
 
 A block is *clean* when no intervention that changes K/V touched it: ``Session.kv_clean_to``
 is the first position computed otherwise (``taint``). A white-box turn (interventions,
@@ -104,16 +105,25 @@ def publish(pool: BlockPool, index: PrefixIndex, s: Session, dedupe: bool = True
     return swapped
 
 
-def reshare(pool: BlockPool, index: PrefixIndex, s: Session, blocks: int) -> dict[int, int]:
-    """For a restore of ``blocks`` blocks: ``{j: device block}`` for each clean full block whose
-    key is live on the device, each with one more reference taken for ``s``."""
-    bs = pool.shape.block_size
-    n = min(min(s.num_cached, s.kv_clean_to) // bs, blocks)
+def reshare(owner, index: PrefixIndex, s: Session, blocks: int, block_size: int) -> dict[int, int]:
+    """For a move of ``s``'s first ``blocks`` blocks into ``owner`` (the device pool for a restore,
+    the host arena for a park): ``{j: block}`` for each clean full block whose key ``index``
+    (``owner``'s) holds, each with one more reference taken for ``s``: those need no copy."""
+    n = min(min(s.num_cached, s.kv_clean_to) // block_size, blocks)
     found = {}
-    for j, key in enumerate(_keys(s, bs, n)):
+    for j, key in enumerate(_keys(s, block_size, n)):
         b = index.lookup(key)
         if b is not None:
-            pool.share([b])
+            owner.share([b])
             found[j] = b
     index.hits += len(found)
     return found
+
+
+def publish_table(index: PrefixIndex, s: Session, table: list[int], block_size: int) -> None:
+    """Index the clean full blocks of ``table`` (``s``'s blocks in some tier, all copies into
+    them complete) under their keys, where no other block holds the key."""
+    n = min(min(s.num_cached, s.kv_clean_to) // block_size, len(table))
+    for j, key in enumerate(_keys(s, block_size, n)):
+        if index.lookup(key) is None:
+            index.add(key, table[j])
