@@ -65,10 +65,8 @@ def run_agents(eng: Engine, lm, turns: int = 2, park: bool = True, check=None) -
     return out, sids
 
 
-@pytest.fixture(scope="module")
-def oracle():
+def unshared_run(lm):
     """The workload with prefix sharing off: every session's own KV, parked under the budget."""
-    lm = loaded("tiny-llama")
     eng = make_engine(lm, sharing=False)
     pool = eng.runtimes["m"].pool
     shared_seen = []
@@ -80,9 +78,18 @@ def oracle():
     return out, stats, shared_seen
 
 
+@pytest.fixture(scope="module")
+def oracle():
+    return unshared_run(loaded("tiny-llama"))
+
+
 def test_200_sessions_sharing_a_system_prompt_under_parking_equal_unshared_runs(oracle):
-    lm = loaded("tiny-llama")
-    ref, _, _ = oracle
+    shared_run_equals(loaded("tiny-llama"), oracle[0])
+
+
+def shared_run_equals(lm, ref) -> None:
+    """The workload with prefix sharing on gives ``ref``'s tokens; no block is freed under a
+    running session; memory returns to zero."""
     eng = make_engine(lm)
     rt = eng.runtimes["m"]
     pool, tier = rt.pool, eng.residency.tiers["m"]
@@ -114,8 +121,10 @@ def test_200_sessions_sharing_a_system_prompt_under_parking_equal_unshared_runs(
 
 
 def test_all_resident_the_prefix_is_stored_once(oracle):
-    lm = loaded("tiny-llama")
-    ref, _, _ = oracle
+    all_resident_stores_the_prefix_once(loaded("tiny-llama"), oracle[0])
+
+
+def all_resident_stores_the_prefix_once(lm, ref) -> None:
     eng = make_engine(lm, blocks=2048)
     pool = eng.runtimes["m"].pool
     bs = pool.shape.block_size
@@ -172,7 +181,10 @@ def test_different_owners_never_share(tiny_llama):
 
 
 def test_steered_sessions_do_not_share_with_unsteered_ones(tiny_llama):
-    lm = tiny_llama
+    steered_sessions_do_not_share(tiny_llama)
+
+
+def steered_sessions_do_not_share(lm) -> None:
     eng = make_engine(lm, blocks=256)
     pool, index = eng.runtimes["m"].pool, eng.residency.tiers["m"].prefix
     ids = system_prompt(lm) + [11, 12]
@@ -218,7 +230,10 @@ def test_steered_sessions_do_not_share_with_unsteered_ones(tiny_llama):
 
 
 def test_a_restore_reshares_blocks_live_on_the_device_and_a_rebuild_skips_them(tiny_llama):
-    lm = tiny_llama
+    restore_and_rebuild_reshare(tiny_llama)
+
+
+def restore_and_rebuild_reshare(lm) -> None:
     ids = system_prompt(lm) + [21, 22, 23]
     for policy in ("semantic", "recompute"):
         eng = make_engine(lm, blocks=256, policy=policy)

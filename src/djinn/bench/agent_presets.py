@@ -72,8 +72,8 @@ PRESETS: dict[str, AgentsPreset] = {
     "shared-prefix": AgentsPreset(
         name="shared-prefix", model="llama2-7b", shared_prefix_tokens=2000, prompt_tokens=64, context_tokens=64,
         new_tokens=16, turns=3, rate=2.0, tools=("uniform:2,6",), n=(8, 16, 32, 48, 64), until_fail=True,
-        max_n=128, time_scale=0.25, gpu_memory="20GiB", host_memory="48GiB", policies=("semantic",),
-        prefix_sharing=(True, False), policy_budget_s=170.0,
+        max_n=128, time_scale=0.25, gpu_memory="20GiB", host_memory="32GiB", policies=("semantic",),
+        prefix_sharing=(True, False), policy_budget_s=150.0,
         notes=("every agent's first prompt: the same 2,000 tokens, then 64 of its own; "
                "arrival gaps and tool times x time_scale",)),
     "shared-prefix-quick": AgentsPreset(

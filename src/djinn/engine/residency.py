@@ -496,8 +496,8 @@ class Residency:
             return
         for c in cands:
             table = tier.sessions[c.id].block_table
-            c.reclaimable += sum((Fraction(1, k) for b in table if pool.refcount(b) > 1
-                                  for k in (holders[b],) if k == pool.refcount(b)), Fraction(0))
+            by_k = Counter(holders[b] for b in table if pool.refcount(b) > 1 and holders[b] == pool.refcount(b))
+            c.reclaimable += sum((Fraction(n, k) for k, n in by_k.items()), Fraction(0))
 
     def _incoming(self, model: str) -> int:
         """Device blocks that copies in flight will free when they complete (a shared block
