@@ -255,6 +255,9 @@ def restore_and_rebuild_reshare(lm) -> None:
                 assert arena.used_bytes == 5 * arena.shape.block_bytes
             assert eng.session_info(b)["kv_location"] == ("host" if policy == "semantic" else "dropped")
             moved = eng.stats()["bytes_moved"]["in"]
+            if policy == "semantic":   # its restore asks room only for what it must copy
+                with eng.residency.lock:
+                    assert eng.residency._restore_need(eng.sessions[b]) == 1
             r = eng.generate(b, GenerateRequest([30, 31], greedy()))
             oracle = hf_greedy(lm.model, ids + ra.token_ids + [30, 31], N)
             assert r.token_ids == oracle

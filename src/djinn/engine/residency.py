@@ -284,9 +284,10 @@ class Residency:
                     return source, room_s
                 source = "host"
                 if st is KVState.PARKED:
-                    waiter = self._room(s.model, len(s.host_table), {s.id})
+                    waiter = self._room(s.model, self._restore_need(s), {s.id})
                     if waiter is None:
-                        self._start_restore(s)
+                        if not self._start_restore(s):
+                            continue               # a shared block went meanwhile: ask for room again
                         waiter = s.move.transfer
                     else:
                         for_room = True
@@ -540,18 +541,29 @@ class Residency:
         self.moves.append(s.move)
         s.kv_state = KVState.PARKING
 
-    def _start_restore(self, s: Session) -> None:
+    def _restore_need(self, s: Session) -> int:
+        """Device blocks a restore of ``s`` would allocate now: its host blocks, less those whose
+        content is live on the device (prefix sharing shares them instead of copying)."""
+        tier = self.tiers[s.model]
+        n = len(s.host_table)
+        if tier.prefix is None:
+            return n
+        return n - sharing.live_count(tier.prefix, s, n, tier.pool.shape.block_size)
+
+    def _start_restore(self, s: Session) -> bool:
+        """Start copying ``s`` back; False (nothing started) if the device lacks the room."""
         tier = self.tiers[s.model]
         n = len(s.host_table)
         # blocks whose content is live on the device (prefix sharing) are shared, not copied back
         bs = tier.pool.shape.block_size
         live = sharing.reshare(tier.pool, tier.prefix, s, n, bs) if tier.prefix is not None else {}
         todo = [j for j in range(n) if j not in live]
-        try:
-            fresh = tier.pool.allocate(len(todo))
-        except BaseException:
-            tier.pool.release(list(live.values()))
-            raise
+        if len(todo) > tier.pool.free_count:
+            if live:
+                tier.pool.release(list(live.values()))
+                tier.prefix.hits -= len(live)
+            return False
+        fresh = tier.pool.allocate(len(todo))
         dev = [live.get(j, 0) for j in range(n)]
         for j, b in zip(todo, fresh):
             dev[j] = b
@@ -560,6 +572,7 @@ class Residency:
         self.moves.append(s.move)
         s.kv_state = KVState.RESTORING
         s.prefetch_wanted = False
+        return True
 
     def _prefetch(self, s: Session) -> None:
         """Start bringing ``s`` back without waiting for anything."""
@@ -569,12 +582,10 @@ class Residency:
         if s.kv_state is not KVState.PARKED:
             return
         try:
-            waiter = self._room(s.model, len(s.host_table), {s.id})
+            waiter = self._room(s.model, self._restore_need(s), {s.id})
         except CapacityError:
             waiter = True                       # no room now: the request will try again
-        if waiter is None:
-            self._start_restore(s)
-        else:
+        if waiter is not None or not self._start_restore(s):
             s.prefetch_wanted = True
             self._wanted[s.id] = s
 
@@ -656,9 +667,8 @@ class Residency:
             if not s.prefetch_wanted or s.kv_state is not KVState.PARKED or sid not in tier.sessions:
                 s.prefetch_wanted = False
                 del self._wanted[sid]
-            elif not s.busy and tier.pool.free_count >= len(s.host_table):
+            elif not s.busy and tier.pool.free_count >= self._restore_need(s) and self._start_restore(s):
                 del self._wanted[sid]
-                self._start_restore(s)
 
     # ---- accounting -------------------------------------------------------------------
     def stats(self) -> dict:

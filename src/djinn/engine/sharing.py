@@ -120,6 +120,12 @@ def reshare(owner, index: PrefixIndex, s: Session, blocks: int, block_size: int)
     return found
 
 
+def live_count(index: PrefixIndex, s: Session, blocks: int, block_size: int) -> int:
+    """How many of ``s``'s first ``blocks`` blocks ``reshare`` would find in ``index`` now."""
+    n = min(min(s.num_cached, s.kv_clean_to) // block_size, blocks)
+    return sum(1 for key in _keys(s, block_size, n) if index.lookup(key) is not None)
+
+
 def publish_table(index: PrefixIndex, s: Session, table: list[int], block_size: int) -> None:
     """Index the clean full blocks of ``table`` (``s``'s blocks in some tier, all copies into
     them complete) under their keys, where no other block holds the key."""
