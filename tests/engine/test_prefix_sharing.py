@@ -12,6 +12,7 @@ import torch
 from djinn.cli import _config, build_parser
 from djinn.config import EngineConfig, MemoryConfig
 from djinn.engine import Engine, GenerateRequest, SamplingParams
+from djinn.errors import CapacityError
 
 import pytest
 
@@ -268,5 +269,25 @@ def restore_and_rebuild_reshare(lm) -> None:
                 cached_before = len(ids) + N - 1
                 assert r.computed_tokens == (cached_before - 48) + 3 + (N - 1)   # tail, prompt, decode steps
                 assert r.cached_tokens == 48
+        finally:
+            eng.shutdown()
+
+
+def test_a_turn_needs_device_room_only_for_what_it_does_not_share(tiny_llama):
+    lm = tiny_llama
+    ids = system_prompt(lm) + [41, 42, 43]               # 59 tokens: 3 full blocks, then a partial one
+    for sharing in (True, False):
+        eng = make_engine(lm, sharing=sharing, blocks=7, policy="resident")   # 6 usable blocks
+        try:
+            a, b = eng.open_session("m"), eng.open_session("m")
+            eng.generate(a, GenerateRequest(ids, greedy()))   # holds 4 blocks; "resident" never moves it
+            if sharing:
+                r = eng.generate(b, GenerateRequest(ids[:-1] + [44], greedy()))
+                assert r.cached_tokens == 48 and r.token_ids == hf_greedy(lm.model, ids[:-1] + [44], N)
+                assert eng.runtimes["m"].pool.used_count == 5
+            else:
+                with pytest.raises(CapacityError):
+                    eng.generate(b, GenerateRequest(ids[:-1] + [44], greedy()))
+                assert eng.sessions[b].tokens == [] and eng.runtimes["m"].pool.used_count == 4
         finally:
             eng.shutdown()

@@ -316,15 +316,24 @@ class Engine:
                 f"prompt too long: the session would hold {total_prompt} tokens, the model's context is "
                 f"{rt.max_context}; start a new session or shorten the prompt"
             )
-        # bring the KV back (restore or recompute) and reserve the whole turn's blocks up front
-        memory = self.residency.begin_turn(s, min(total_prompt + params.max_new_tokens, rt.max_context))
+        # bring the KV back (restore or recompute) ...
+        memory = self.residency.begin_turn(s, len(s.tokens))
         memory["queue_ms"] = (started - submitted) * 1e3
         self._rebuild(s, rt, memory)
         turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), time.perf_counter(), submitted, memory)
         s.tokens.extend(new)
-        # automatic prefix sharing (engine/sharing.py): skip full blocks another session holds
-        memory["shared_tokens"] = self.residency.share_prefix(
-            s, len(s.tokens) - 1, lookup=wb_plan is None, taint=changes_kv(wb_plan, rt.arch.num_layers))
+        try:
+            # ... take the full blocks of the prompt that another session holds (prefix sharing,
+            # engine/sharing.py) and reserve the rest of the whole turn's blocks up front
+            memory["shared_tokens"] = self.residency.share_prefix(
+                s, len(s.tokens) - 1, lookup=wb_plan is None, taint=changes_kv(wb_plan, rt.arch.num_layers))
+            room_ms = self.residency.grow(s, min(total_prompt + params.max_new_tokens, rt.max_context)) * 1e3
+        except BaseException:
+            self._rollback_turn(turn)
+            raise
+        memory["make_room_ms"] += room_ms
+        memory["restore_ms"] += room_ms
+        turn.started = time.perf_counter()
         if wb_plan is None and batch and self.config.batching and rt.streamer is None:
             return self.batcher.add(turn, params, req)   # resolved by a later step
         try:

@@ -51,14 +51,15 @@ def _keys(s: Session, block_size: int, blocks: int) -> list[bytes]:
 
 def take(pool: BlockPool, index: PrefixIndex, s: Session, end: int) -> int:
     """Share indexed blocks for the full blocks of ``tokens[num_cached:end]``, in order, up to
-    the first miss. ``s.block_table`` must already reserve those positions (``grow``). Returns
-    the tokens skipped (``num_cached`` advanced by that much)."""
+    the first miss: a block the table already reserves for that position is replaced (and freed:
+    it was never written), past the table's end the shared block is appended, so a turn that
+    reserves its blocks after this needs room only for what it computes. Returns the tokens
+    skipped (``num_cached`` advanced by that much)."""
     bs = pool.shape.block_size
-    if s.num_cached % bs:
+    if s.num_cached % bs or len(s.block_table) < s.num_cached // bs:
         return 0      # a partly filled block comes first: this forward must write into it
     first = s.num_cached // bs
     last = min(end, s.kv_clean_to, len(s.tokens)) // bs
-    last = min(last, len(s.block_table))
     if last <= first:
         return 0
     keys = _keys(s, bs, last)
@@ -67,10 +68,11 @@ def take(pool: BlockPool, index: PrefixIndex, s: Session, end: int) -> int:
         b = index.lookup(keys[j])
         if b is None:
             break
-        old = s.block_table[j]
-        if old != b:
-            pool.share([b])
-            s.block_table[j] = b
+        pool.share([b])
+        if j == len(s.block_table):
+            s.block_table.append(b)
+        else:
+            old, s.block_table[j] = s.block_table[j], b
             pool.release([old])      # the block reserved for computing it, never written
         taken += 1
     if taken:
