@@ -131,6 +131,10 @@ def test_agents_shared_prefix_quick_runs_sharing_on_and_off(tmp_path):
     assert rec["params"]["shared_prefix_tokens"] == 128 and rec["params"]["prefix_sharing"] == [True, False]
     runs = {r["policy"]: r for r in rec["results"]["runs"]}
     assert set(runs) == {"semantic sharing on", "semantic sharing off"}
-    assert runs["semantic sharing on"]["peak_sharing_ratio"] > 1.5      # the prefix was held once
-    assert runs["semantic sharing off"]["peak_sharing_ratio"] == 1.0
+    def reused(run):   # blocks taken from the prefix indexes (device or host) instead of computed or copied
+        s = run["stats_delta"]["sharing"]
+        return s["prefix_hits"] + s["prefix_host_hits"] + s["prefix_deduped"]
+
+    assert reused(runs["semantic sharing on"]) > 0 and runs["semantic sharing on"]["peak_sharing_ratio"] >= 1.0
+    assert reused(runs["semantic sharing off"]) == 0 and runs["semantic sharing off"]["peak_sharing_ratio"] == 1.0
     assert set(rec["results"]["prefix_sharing"]["semantic"]) == {"on", "off"}
