@@ -19,7 +19,12 @@ Invariants, all under ``self.lock``:
 - blocks may be shared by forks (reference counts in the pool and the arena): a release drops
   one reference, a shared block is never written (``grow`` copies it first), parking a session
   copies its own view of a shared block and frees only what no other session holds, and a fork
-  of a parked session shares its host blocks (each sharer's restore makes its own device copy).
+  of a parked session shares its host blocks;
+- with prefix sharing (``engine.sharing``, ``memory.prefix``), blocks are also shared by content:
+  a turn takes indexed blocks for its prompt before reserving the rest, a finished turn indexes
+  its full blocks, a park shares host blocks whose content is already parked and a restore
+  shares device blocks whose content is live, so a common prefix is stored and moved once; an
+  indexed block leaves its index when freed or before ``grow`` lets anything write into it.
 
 Threads: the engine loop (turns, open, close), callers of ``signal`` (``signal_phase`` must return
 at once, so it does not queue behind a running turn on the loop), the pager's copy threads or
