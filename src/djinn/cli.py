@@ -33,7 +33,8 @@ def _config(args: argparse.Namespace) -> Config:
                        stream_slots=getattr(args, "stream_slots", None), stream_chunk=getattr(args, "stream_chunk", None),
                        kv_blocks=getattr(args, "kv_blocks", None))
     engine = EngineConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
-                          seed=getattr(args, "seed", 0), memory=mem)
+                          seed=getattr(args, "seed", 0), prefix_sharing=getattr(args, "prefix_sharing", True),
+                          memory=mem)
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 5556),
                           # an explicit --token "" is refused by serve(); an empty DJINN_TOKEN counts as unset
                           token=args.token if getattr(args, "token", None) is not None
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "continues those sessions (their KV is recomputed on first use)")
     serve.add_argument("--journal-sync", default="normal", choices=["normal", "full"],
                        help="normal: survives a process crash; full: fsync every turn, survives a machine crash")
+    serve.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+                       help="store every session's KV privately (default: full KV blocks of identical "
+                            "prefixes are stored once, per owner)")
     serve.add_argument("--kv-blocks", type=int, default=None,
                        help="explicit number of device KV blocks per model (overrides the budget; tests)")
     _engine_args(serve)

@@ -87,6 +87,7 @@ class EngineConfig:
     cuda_graphs: bool = True           # replay captured decode steps on CUDA
     warmup: bool = True                # on CUDA, capture every decode-graph bucket when a model loads,
                                        # so the first requests do not pay for it
+    prefix_sharing: bool = True        # store identical full KV blocks of one owner once (memory/prefix.py)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

@@ -147,3 +147,18 @@ def test_cuda_paths_of_agents_and_resume(tmp_path):
         pinned = row["manual"]["offload_pinned"]
         assert pinned["resume_ms"] > 0 and pinned["h2d_ms"] > 0
     assert "manual offload, pinned" in rec["results"]["context"]["curves"]
+
+
+def test_agents_shared_prefix_quick_runs_sharing_on_and_off(tmp_path):
+    assert agents.main(["--quick", "--preset", "shared-prefix", "--n", "4", "--no-progress", "--out", str(tmp_path)]) == 0
+    rec = _only(tmp_path, "agents-shared-prefix-quick-*.json")
+    assert rec["params"]["shared_prefix_tokens"] == 128 and rec["params"]["prefix_sharing"] == [True, False]
+    runs = {r["policy"]: r for r in rec["results"]["runs"]}
+    assert set(runs) == {"semantic sharing on", "semantic sharing off"}
+    def reused(run):   # blocks taken from the prefix indexes (device or host) instead of computed or copied
+        s = run["stats_delta"]["sharing"]
+        return s["prefix_hits"] + s["prefix_host_hits"] + s["prefix_deduped"]
+
+    assert reused(runs["semantic sharing on"]) > 0 and runs["semantic sharing on"]["peak_sharing_ratio"] >= 1.0
+    assert reused(runs["semantic sharing off"]) == 0 and runs["semantic sharing off"]["peak_sharing_ratio"] == 1.0
+    assert set(rec["results"]["prefix_sharing"]["semantic"]) == {"on", "off"}

@@ -183,3 +183,15 @@ def test_stats_in_either_shape():
     assert stat(swaps, "decisions") == {"out": 2, "in": 1, "dropped": 0}   # swap counters stand in
     assert delta({"a": 5, "b": {"c": 3}, "ok": True}, {"a": 2, "b": {"c": 1}, "ok": False}) == \
         {"a": 3, "b": {"c": 2}, "ok": None}
+
+
+def test_a_shared_prefix_starts_every_agents_first_prompt_and_nothing_else():
+    plain, shared = build(spec()), build(spec(shared_prefix_tokens=12))
+    prefix = shared[0].prompts[0][:12]
+    assert all(p.prompts[0][:12] == prefix for p in shared)
+    assert len({tuple(p.prompts[0][12:]) for p in shared}) == len(shared)    # each agent's own part differs
+    for a, b in zip(plain, shared):   # the rest of the plan is the unshared one's
+        assert b.prompts[0][12:] == a.prompts[0] and b.prompts[1:] == a.prompts[1:] and b.tool_s == a.tool_s
+    assert build(spec(shared_prefix_tokens=12, seed=8))[0].prompts[0][:12] != prefix
+    assert spec(shared_prefix_tokens=12).final_tokens == spec().final_tokens + 12
+    assert not set(prefix) & {256, 257, 258}

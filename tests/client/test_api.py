@@ -148,8 +148,8 @@ def test_close_frees_the_sessions_blocks(client):
     m = client.model(MODEL)
     base = client.stats()["kv_blocks"][MODEL]["used"]
     sessions = [m.session() for _ in range(3)]
-    for s in sessions:
-        s.generate(list(range(3, 40)), max_new_tokens=5, ignore_eos=True)
+    for i, s in enumerate(sessions):   # distinct prompts: identical ones would share blocks (prefix sharing)
+        s.generate(list(range(3 + i, 40 + i)), max_new_tokens=5, ignore_eos=True)
     assert client.stats()["kv_blocks"][MODEL]["used"] == base + 3 * 3
     for s in sessions:
         s.close()

@@ -23,7 +23,8 @@ SHAPE = KVShape(num_layers=2, kv_heads=1, head_dim=4, block_size=4, dtype=torch.
 
 class Rig:
     def __init__(self, policy: str = "semantic", device_blocks: int = 12, host_blocks: int = 24):
-        self.res = Residency(MemoryConfig(policy=policy), torch.device("cpu"))
+        # the rig writes made-up KV that is no function of the tokens: prefix sharing would be wrong here
+        self.res = Residency(MemoryConfig(policy=policy), torch.device("cpu"), prefix_sharing=False)
         self.pool = BlockPool(SHAPE, device_blocks + 1, torch.device("cpu"))
         self.arena = self.res.add_model("m", self.pool, host_blocks)
         self.tag: dict[str, int] = {}

@@ -157,9 +157,11 @@ class ApiStats:
         return parse_metrics(r.text)
 
 
-def server_args(cfg, policy: str) -> list[str]:
+def server_args(cfg, policy: str, prefix_sharing: bool = True) -> list[str]:
     """The launcher's arguments for ``cfg`` (an AgentsPreset) and one policy."""
     args = ["--model", cfg.model, "--device", cfg.device, "--dtype", cfg.dtype, "--policy", policy]
+    if not prefix_sharing:
+        args.append("--no-prefix-sharing")
     for flag, value in (("--gpu-memory", cfg.gpu_memory), ("--host-memory", cfg.host_memory),
                         ("--kv-blocks", cfg.kv_blocks)):
         if value is not None:

@@ -20,6 +20,11 @@ Every field can be overridden on the command line; the resolved values go into t
   (~5 minutes expected: load + pinning ~1.5, runs ~3.5).
 - ``--api openai --quick``: the quick presets on SmolLM2-135M (``OPENAI_QUICK``), since the
   chat-rendered conversation does not fit tiny-llama's context.
+- ``shared-prefix``: agents whose first prompt starts with the same 2,000-token system prompt and
+  tool list (``shared_prefix_tokens``; then 64 tokens of their own), run with automatic prefix
+  sharing on and off (``prefix_sharing``) under the same budgets (the ``seeds`` preset's 20 GiB
+  device, where about 5 agents' unshared 2k-token contexts fit): the agents sustained each way.
+  Semantic policy only; ``--quick`` gives its CPU smoke run (``shared-prefix-quick``).
 - ``quick``: tiny-llama on the CPU with a 20-block device KV pool (2-3 agents' worth) that
   forces parking at N=8, N in {2, 4, 8}: the CI smoke run (well under 3 minutes on 2 cores).
 - ``tools-quick``: the tools preset's smoke run: tiny-llama on the CPU, a 0.01 s tool (far
@@ -57,6 +62,8 @@ class AgentsPreset:
     # with room for the grace given to turns in flight when the bound hits
     policy_budget_s: float = 420.0
     slo_ms: float = 2000.0               # p99 turn latency a "sustained" run stays under
+    shared_prefix_tokens: int = 0        # tokens every agent's first prompt starts with (the same for all)
+    prefix_sharing: tuple[bool, ...] = (True,)   # sweep each policy with automatic prefix sharing on / off
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -72,6 +79,18 @@ PRESETS: dict[str, AgentsPreset] = {
         gpu_memory="24GiB", host_memory="16GiB", policy_budget_s=360.0,
         notes=("one sub-sweep per tool time; arrival gaps and tool times x time_scale",
                "run one policy per command (--policies P): each fits in 9 minutes")),
+    "shared-prefix": AgentsPreset(
+        name="shared-prefix", model="llama2-7b", shared_prefix_tokens=2000, prompt_tokens=64, context_tokens=64,
+        new_tokens=16, turns=3, rate=2.0, tools=("uniform:2,6",), n=(8, 16, 32, 48, 64), until_fail=True,
+        max_n=128, time_scale=0.25, gpu_memory="20GiB", host_memory="32GiB", policies=("semantic",),
+        prefix_sharing=(True, False), policy_budget_s=150.0,
+        notes=("every agent's first prompt: the same 2,000 tokens, then 64 of its own; "
+               "arrival gaps and tool times x time_scale",)),
+    "shared-prefix-quick": AgentsPreset(
+        name="shared-prefix-quick", model="tiny-llama", device="cpu", shared_prefix_tokens=128, prompt_tokens=16,
+        context_tokens=16, new_tokens=6, turns=3, rate=20.0, tools=("uniform:0.05,0.15",), n=(4, 8, 16),
+        until_fail=False, kv_blocks=40, host_memory="8MiB", policies=("semantic",), prefix_sharing=(True, False),
+        policy_budget_s=40.0, notes=("CPU smoke run of the shared-prefix preset",)),
     "quick": AgentsPreset(
         name="quick", model="tiny-llama", device="cpu", prompt_tokens=48, context_tokens=16, new_tokens=6, turns=3,
         rate=20.0, tools=("uniform:0.05,0.15",), n=(2, 4, 8), until_fail=False, kv_blocks=20, host_memory="8MiB",
@@ -94,12 +113,12 @@ OPENAI_QUICK = {"model": "smollm2-135m", "n": (2, 4), "kv_blocks": 64, "host_mem
 def resolve(name: str, quick: bool, overrides: dict, api: str = "native") -> AgentsPreset:
     """The preset ``name`` (its quick variant with ``quick``), with non-None overrides applied."""
     if quick:
-        name = "tools-quick" if name == "tools" else "quick"
+        name = {"tools": "tools-quick", "shared-prefix": "shared-prefix-quick"}.get(name, "quick")
     preset = PRESETS[name]
     if quick and api == "openai":
         preset = replace(preset, **OPENAI_QUICK)
     fields = {k: v for k, v in overrides.items() if v is not None and hasattr(preset, k)}
-    for k in ("tools", "n", "policies"):
+    for k in ("tools", "n", "policies", "prefix_sharing"):
         if k in fields:
             fields[k] = tuple(fields[k])
     return replace(preset, **fields)

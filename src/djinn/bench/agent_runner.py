@@ -165,6 +165,7 @@ def finish_run(plans: list[AgentPlan], records: list[TurnRecord], spans: list[tu
         "live_agents": live_agents(spans),
         "peak_device_bytes": peak, "peak_device_source": source, "peak_kv_device_bytes": peak_kv,
         "peak_kv_host_bytes": sampler.peak("kv_host"),
+        "peak_kv_shared_bytes": sampler.peak("kv_shared"), "peak_sharing_ratio": sampler.peak("sharing_ratio"),
         "bytes_moved": moved, "bytes_moved_split": delta(stat(after, "bytes_moved"), stat(before, "bytes_moved")),
         "server_kv_device_high_water": stat(after, "kv_device_high_water"),
         "bytes_moved_per_turn": (moved / summary["ok_turns"]) if moved and summary["ok_turns"] else

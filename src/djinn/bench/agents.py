@@ -7,7 +7,9 @@ same ``--gpu-memory``/``--host-memory``/``--kv-blocks``. Remote: ``--address hos
 measures a running ``djinn serve``; a server has one policy, so start it with ``--policy P``
 and pass the same single ``--policies P`` here (the name only labels the JSON), once per policy.
 
-Presets (``djinn.bench.agent_presets``): ``--preset seeds``, ``--preset tools``, ``--quick``.
+Presets (``djinn.bench.agent_presets``): ``--preset seeds``, ``--preset tools``,
+``--preset shared-prefix`` (a common 2,000-token system prompt, prefix sharing on vs off), ``--quick``.
+With ``--prefix-sharing on off`` every policy runs twice, labelled ``POLICY sharing on|off``.
 Per (policy, tool time, N) the JSON has: success rate, p50/p99/max of turn latency and TTFT,
 queue/restore/compute split, turns/min and tokens/s, peak device memory, bytes moved, the
 share of returning turns served without recompute, every turn, and a memory timeline.
@@ -48,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=None, help="first turn's system/context prompt")
     p.add_argument("--context-tokens", type=int, default=None, help="tool output appended per later turn")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per turn")
+    p.add_argument("--shared-prefix-tokens", type=int, default=None,
+                   help="tokens every agent's first prompt starts with (the same for all: a system prompt)")
+    p.add_argument("--prefix-sharing", nargs="+", choices=["on", "off"], default=None,
+                   help="run each policy with automatic prefix sharing on and/or off (embedded and --api openai)")
     p.add_argument("--tools", nargs="+", default=None,
                    help="tool-time distributions, one sub-sweep each: fixed:S uniform:A,B exp:MEAN lognormal:MED,SIGMA")
     p.add_argument("--time-scale", type=float, default=None,
@@ -77,7 +83,7 @@ def _free_device() -> None:
         torch.cuda.empty_cache()
 
 
-def _connect(args: argparse.Namespace, cfg: AgentsPreset, policy: str):
+def _connect(args: argparse.Namespace, cfg: AgentsPreset, policy: str, sharing: bool = True):
     if args.address:
         try:
             return djinn.connect(args.address, token=args.token)
@@ -85,7 +91,7 @@ def _connect(args: argparse.Namespace, cfg: AgentsPreset, policy: str):
             raise djinn.InvalidRequest(f"--address needs the remote client, missing from this build: {exc}") from exc
     return djinn.connect(models=[cfg.model], device=cfg.device, dtype=cfg.dtype, gpu_memory=cfg.gpu_memory,
                          host_memory=cfg.host_memory, policy=policy, kv_blocks=cfg.kv_blocks,
-                         block_size=cfg.block_size, seed=args.seed)
+                         block_size=cfg.block_size, seed=args.seed, prefix_sharing=sharing)
 
 
 def _spec(cfg: AgentsPreset, model, tool: str, n: int, seed: int) -> WorkloadSpec:
@@ -94,7 +100,8 @@ def _spec(cfg: AgentsPreset, model, tool: str, n: int, seed: int) -> WorkloadSpe
 
         return WorkloadSpec(n=n, rate=cfg.rate, turns=cfg.turns, prompt_tokens=cfg.prompt_tokens,
                             context_tokens=cfg.context_tokens, new_tokens=cfg.new_tokens, tool=ToolTime.parse(tool),
-                            vocab_size=len(WORDS), seed=seed, time_scale=cfg.time_scale)
+                            vocab_size=len(WORDS), seed=seed, time_scale=cfg.time_scale,
+                            shared_prefix_tokens=cfg.shared_prefix_tokens)
     specials = {getattr(model.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     specials |= set(getattr(model.tokenizer, "all_special_ids", None) or [])
     flat: set[int] = set()
@@ -103,6 +110,7 @@ def _spec(cfg: AgentsPreset, model, tool: str, n: int, seed: int) -> WorkloadSpe
     return WorkloadSpec(n=n, rate=cfg.rate, turns=cfg.turns, prompt_tokens=cfg.prompt_tokens,
                         context_tokens=cfg.context_tokens, new_tokens=cfg.new_tokens, tool=ToolTime.parse(tool),
                         vocab_size=model.config.vocab_size, seed=seed, time_scale=cfg.time_scale,
+                        shared_prefix_tokens=cfg.shared_prefix_tokens,
                         special_ids=tuple(sorted(int(x) for x in flat if isinstance(x, int))))
 
 
@@ -160,11 +168,11 @@ def _line(run: dict) -> str:
 class _Api:
     """--api openai: one HTTP server process per policy, in the places the native client goes."""
 
-    def __init__(self, cfg: AgentsPreset, policy: str):
+    def __init__(self, cfg: AgentsPreset, policy: str, sharing: bool = True):
         from djinn.bench import agent_api
 
         self.mod, self.cfg = agent_api, cfg
-        self.server = agent_api.HttpServer(agent_api.server_args(cfg, policy))
+        self.server = agent_api.HttpServer(agent_api.server_args(cfg, policy, sharing))
         self.stats = agent_api.ApiStats(self.server).stats
 
     def warmup(self, spec: WorkloadSpec) -> float:
@@ -178,22 +186,21 @@ class _Api:
         self.server.stop()
 
 
-def _warm_up(model, cfg: AgentsPreset) -> None:
-    """One unmeasured turn of the preset's shape, so kernel compiles (first prefill in a process)
-    land in no policy's numbers: the first policy swept would otherwise pay them alone."""
-    sess = model.session()
-    try:
-        sess.generate([5 + i % 100 for i in range(cfg.prompt_tokens)], max_new_tokens=cfg.new_tokens, ignore_eos=True)
-    finally:
-        sess.close()
+def run_label(cfg: AgentsPreset, policy: str, sharing: bool) -> str:
+    """A run's policy label: the policy, and whether prefix sharing was on when both are swept."""
+    if tuple(cfg.prefix_sharing) == (True,):
+        return policy
+    return f"{policy} sharing {'on' if sharing else 'off'}"
 
 
-def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tuple[list[dict], str]:
+def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str,
+                 sharing: bool = True) -> tuple[list[dict], str]:
     """Every (tool, N) run of one policy on one fresh engine; returns the runs and the device."""
     runs: list[dict] = []
     api = getattr(args, "api", "native") == "openai"
+    name, policy = policy, run_label(cfg, policy, sharing)   # ``policy`` labels the runs from here on
     try:
-        client = _Api(cfg, policy) if api else _connect(args, cfg, policy)
+        client = _Api(cfg, name, sharing) if api else _connect(args, cfg, name, sharing)
     except (djinn.DjinnError, RuntimeError) as exc:
         print(f"[{policy}] could not start: {exc}")
         return [{"policy": policy, "error": f"{type(exc).__name__}: {exc}"}], "cpu"
@@ -206,9 +213,7 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
         host_wait = wait_host_ready(client)
         if host_wait and host_wait > 0.5:
             print(f"[{policy}] waited {host_wait:.1f} s for the host arena to be pinned")
-        if model is not None:
-            _warm_up(model, cfg)
-        budget_end = time.perf_counter() + cfg.policy_budget_s   # model load, pinning and warm-up not counted
+        budget_end = time.perf_counter() + cfg.policy_budget_s   # model load and host pinning not counted
         for tool in cfg.tools:
             turn_s = None
             done: list[dict] = []
@@ -239,7 +244,7 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str) -> tu
                                   label=f"{policy} {tool} n={n}", cuda_peak=cuda_peak)
                 run = {"policy": policy, "tool": tool, "tool_mean_s": ToolTime.parse(tool).mean * cfg.time_scale,
                        "tool_nominal_s": ToolTime.parse(tool).mean,
-                       "n": n, "deadline_s": opts.deadline_s, "host_arena_wait_s": host_wait,
+                       "n": n, "base_policy": name, "prefix_sharing": sharing, "deadline_s": opts.deadline_s, "host_arena_wait_s": host_wait,
                        **(client.run(plans, opts) if api else run_agents(client, cfg.model, plans, opts))}
                 run["wait_choices"] = wait_choices(run.get("decisions"))
                 runs.append(run)
@@ -301,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("policies", "n", "until_fail", "max_n", "rate", "turns",
                                                "prompt_tokens", "context_tokens", "new_tokens", "tools", "time_scale",
                                                "model", "device", "dtype", "gpu_memory", "host_memory", "kv_blocks",
-                                               "slo_ms", "policy_budget_s")}
+                                               "slo_ms", "policy_budget_s", "shared_prefix_tokens")}
+    if args.prefix_sharing is not None:
+        overrides["prefix_sharing"] = [x == "on" for x in dict.fromkeys(args.prefix_sharing)]
     cfg = resolve(args.preset, args.quick, overrides, api=args.api)
     if args.address and args.api == "openai":
         raise djinn.InvalidRequest("--api openai starts its own HTTP server per policy: leave out --address")
@@ -312,12 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"djinn bench agents, preset {cfg.name}: {cfg.model}, policies {', '.join(cfg.policies)}, N {list(cfg.n)}"
           f"{' then x1.25 until failure (max ' + str(cfg.max_n) + ')' if cfg.until_fail else ''}, tools "
           f"{', '.join(cfg.tools)}, time scale {cfg.time_scale}, budgets gpu {cfg.gpu_memory} host {cfg.host_memory}"
-          f" kv_blocks {cfg.kv_blocks}; at most {cfg.policy_budget_s:.0f} s per policy", flush=True)
+          f" kv_blocks {cfg.kv_blocks}; at most {cfg.policy_budget_s:.0f} s per policy"
+          + (f"; shared prefix {cfg.shared_prefix_tokens} tokens" if cfg.shared_prefix_tokens else "")
+          + (f"; prefix sharing {'/'.join('on' if s else 'off' for s in cfg.prefix_sharing)}"
+             if tuple(cfg.prefix_sharing) != (True,) else ""), flush=True)
     runs: list[dict] = []
     device = cfg.device
     for policy in cfg.policies:
-        got, device = sweep_policy(args, cfg, policy)
-        runs += got
+        for sharing in cfg.prefix_sharing:
+            got, device = sweep_policy(args, cfg, policy, sharing)
+            runs += got
     if not any("success_rate" in r for r in runs):
         print("djinn bench agents: no run completed (see the errors above); nothing written")
         return 2
@@ -336,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         r["api"] = args.api
     results = {"policies": summarize_policies(runs), "tool_classes": tool_classes(runs), "runs": runs,
                "api": args.api}
+    if len(cfg.prefix_sharing) > 1:   # the shared-prefix comparison: agents sustained with sharing on vs off
+        results["prefix_sharing"] = {
+            p: {("on" if s else "off"): results["policies"].get(run_label(cfg, p, s), {}) for s in cfg.prefix_sharing}
+            for p in cfg.policies}
     dev = torch.device(device) if device.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
     write(record("agents", dev, params, results), args.out, stem=f"agents-{label}")
     for policy, tools in results["policies"].items():

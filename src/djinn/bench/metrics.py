@@ -43,6 +43,8 @@ STAT_PATHS: dict[str, list[tuple[str, ...]]] = {
     # restored, dropped, recomputed)
     "decisions": [("decisions",), ("policy", "decisions"), ("swaps",)],
     "sessions": [("sessions",)],
+    "kv_shared": [("sharing", "kv_shared")],
+    "sharing_ratio": [("sharing", "sharing_ratio")],
 }
 
 
@@ -237,7 +239,8 @@ class MemorySampler:
             return
         self.samples.append({"t": time.perf_counter() - self._t0,
                              **{k: stat(s, k) for k in ("kv_device", "kv_host", "kv_device_capacity",
-                                                        "kv_host_capacity", "kv_moving", "sessions")}})
+                                                        "kv_host_capacity", "kv_moving", "sessions",
+                                                        "kv_shared", "sharing_ratio")}})
 
     def stop(self) -> list[dict]:
         self._stop.set()

@@ -6,7 +6,9 @@ Owns only the plan (pure data, no client, no clock). Invariants:
 - the same ``seed`` gives the same plan for every policy, so policies are compared on the same
   arrivals, prompts and tool times; agent ``i``'s prompts and tool times do not depend on N;
 - every prompt is random token ids drawn away from the special ids, fresh per agent and per
-  turn, so no prefix cache can help by accident (nothing is shared between agents or turns);
+  turn, so no prefix cache can help by accident (nothing is shared between agents or turns),
+  except ``shared_prefix_tokens``: a system prompt and tool list, the same random ids for every
+  agent of one seed, put before each agent's first prompt (the ``shared-prefix`` preset);
 - ``time_scale`` multiplies inter-arrival gaps and tool times alike (compute is never scaled),
   so a compressed run keeps its arrival pattern and its share of waiting; the JSON states it.
 
@@ -91,6 +93,7 @@ class WorkloadSpec:
     time_scale: float = 1.0
     low_token: int = 0           # token ids are drawn from [low_token, vocab_size) minus specials
     special_ids: tuple[int, ...] = ()
+    shared_prefix_tokens: int = 0    # the same tokens for every agent, before its first prompt
 
     def validate(self, max_context: int | None = None) -> None:
         if self.n < 1 or self.turns < 1 or self.prompt_tokens < 1 or self.new_tokens < 1:
@@ -106,7 +109,8 @@ class WorkloadSpec:
     @property
     def final_tokens(self) -> int:
         """Tokens one agent's session holds after its last turn."""
-        return self.prompt_tokens + (self.turns - 1) * self.context_tokens + self.turns * self.new_tokens
+        return (self.shared_prefix_tokens + self.prompt_tokens + (self.turns - 1) * self.context_tokens
+                + self.turns * self.new_tokens)
 
 
 @dataclass
@@ -133,10 +137,11 @@ def build(spec: WorkloadSpec) -> list[AgentPlan]:
     def tokens(rng: np.random.Generator, k: int) -> list[int]:
         return [int(x) for x in allowed[rng.integers(0, len(allowed), k)]]
 
+    shared = tokens(np.random.default_rng([spec.seed, 2]), spec.shared_prefix_tokens)
     plans = []
     for i in range(spec.n):
         rng = np.random.default_rng([spec.seed, 1, i])   # per agent: independent of n
-        prompts = [tokens(rng, spec.prompt_tokens)]
+        prompts = [shared + tokens(rng, spec.prompt_tokens)]
         prompts += [tokens(rng, spec.context_tokens) for _ in range(spec.turns - 1)]
         tools = [t * spec.time_scale for t in spec.tool.draw(rng, spec.turns - 1)]
         plans.append(AgentPlan(index=i, arrival_s=float(arrivals[i]), prompts=prompts, tool_s=tools))

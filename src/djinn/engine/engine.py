@@ -26,6 +26,7 @@ from djinn.engine.residency import Residency
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler, stop_check
 from djinn.engine.session import Phase, Session
+from djinn.engine.sharing import changes_kv
 from djinn.engine.whitebox import WhiteBox
 from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
 from djinn.memory.budget import plan, plan_host
@@ -96,7 +97,7 @@ class Engine:
         blocks = mem.kv_blocks if mem.kv_blocks is not None else max(2, budget.kv_bytes // block_bytes)
         rt = ModelRuntime.build(name, loaded, mem.block_size, blocks, memory=mem)
         if self.residency is None:
-            self.residency = Residency(mem, loaded.device)
+            self.residency = Residency(mem, loaded.device, prefix_sharing=self.config.prefix_sharing)
         if mem.host_blocks is not None:
             host_blocks = mem.host_blocks
         else:
@@ -317,12 +318,24 @@ class Engine:
                 f"prompt too long: the session would hold {total_prompt} tokens, the model's context is "
                 f"{rt.max_context}; start a new session or shorten the prompt"
             )
-        # bring the KV back (restore or recompute) and reserve the whole turn's blocks up front
-        memory = self.residency.begin_turn(s, min(total_prompt + params.max_new_tokens, rt.max_context))
+        # bring the KV back (restore or recompute) ...
+        memory = self.residency.begin_turn(s, len(s.tokens))
         memory["queue_ms"] = (started - submitted) * 1e3
         self._rebuild(s, rt, memory)
         turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), time.perf_counter(), submitted, memory)
         s.tokens.extend(new)
+        try:
+            # ... take the full blocks of the prompt that another session holds (prefix sharing,
+            # engine/sharing.py) and reserve the rest of the whole turn's blocks up front
+            memory["shared_tokens"] = self.residency.share_prefix(
+                s, len(s.tokens) - 1, lookup=wb_plan is None, taint=changes_kv(wb_plan, rt.arch.num_layers))
+            room_ms = self.residency.grow(s, min(total_prompt + params.max_new_tokens, rt.max_context)) * 1e3
+        except BaseException:
+            self._rollback_turn(turn)
+            raise
+        memory["make_room_ms"] += room_ms
+        memory["restore_ms"] += room_ms
+        turn.started = time.perf_counter()
         if wb_plan is None and batch and self.config.batching and rt.streamer is None:
             return self.batcher.add(turn, params, req)   # resolved by a later step
         try:
@@ -355,7 +368,8 @@ class Engine:
         s.touch()
         result.prompt_tokens = len(turn.new_tokens)
         rebuilt = int(turn.memory.get("recomputed_tokens", 0))
-        result.cached_tokens = turn.cached - rebuilt        # a rebuilt prefix was computed, not reused
+        # a rebuilt prefix was computed, not reused; a shared one was reused
+        result.cached_tokens = turn.cached - rebuilt + int(turn.memory.get("shared_tokens", 0))
         result.computed_tokens += rebuilt
         if rebuilt:
             result.timings["recompute_ms"] = turn.memory["recompute_ms"]
@@ -380,17 +394,20 @@ class Engine:
         if n == 0:
             return
         t0 = time.perf_counter()
+        self.residency.share_prefix(s, n)      # blocks of the prefix other sessions hold are not recomputed
+        start = min(s.num_cached, n)
         try:
-            cache = PagedCache(rt.pool, s.block_table, 0, n)
-            rt.executor.forward(cache, torch.tensor([s.tokens[:n]], dtype=torch.long, device=rt.device))
+            if start < n:
+                cache = PagedCache(rt.pool, s.block_table, start, n - start)
+                rt.executor.forward(cache, torch.tensor([s.tokens[start:n]], dtype=torch.long, device=rt.device))
         except BaseException:
             self.residency.end_turn(s)
             raise
-        s.num_cached, s.rebuild_to = n, 0
-        s.tokens_computed += n
-        self.counters["tokens_computed"] += n
+        s.num_cached, s.rebuild_to = max(s.num_cached, n), 0
+        s.tokens_computed += n - start
+        self.counters["tokens_computed"] += n - start
         if memory is not None:
-            memory["recomputed_tokens"] = n
+            memory["recomputed_tokens"] = n - start
             memory["recompute_ms"] = (time.perf_counter() - t0) * 1e3
 
     @torch.inference_mode()

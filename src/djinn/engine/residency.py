@@ -19,7 +19,12 @@ Invariants, all under ``self.lock``:
 - blocks may be shared by forks (reference counts in the pool and the arena): a release drops
   one reference, a shared block is never written (``grow`` copies it first), parking a session
   copies its own view of a shared block and frees only what no other session holds, and a fork
-  of a parked session shares its host blocks (each sharer's restore makes its own device copy).
+  of a parked session shares its host blocks;
+- with prefix sharing (``engine.sharing``, ``memory.prefix``), blocks are also shared by content:
+  a turn takes indexed blocks for its prompt before reserving the rest, a finished turn indexes
+  its full blocks, a park shares host blocks whose content is already parked and a restore
+  shares device blocks whose content is live, so a common prefix is stored and moved once; an
+  indexed block leaves its index when freed or before ``grow`` lets anything write into it.
 
 Threads: the engine loop (turns, open, close), callers of ``signal`` (``signal_phase`` must return
 at once, so it does not queue behind a running turn on the loop), the pager's copy threads or
@@ -34,11 +39,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
 from djinn.config import MemoryConfig
+from djinn.engine import sharing
 from djinn.engine.session import Phase, Session
 from djinn.engine.timers import Timers
 from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
@@ -47,6 +55,7 @@ from djinn.memory.cow import copy_blocks, privatize, shared_in_range
 from djinn.memory.host import HostArena
 from djinn.memory.pager import IN, OUT, Pager, Transfer
 from djinn.memory.policy import Action, Candidate, CopyRates, KVState, Room, WaitHistory, WaitPlan, make_policy
+from djinn.memory.prefix import PrefixIndex
 
 
 @dataclass
@@ -56,6 +65,8 @@ class _Tier:
     pool: BlockPool
     arena: HostArena
     sessions: dict[str, Session] = field(default_factory=dict)
+    prefix: PrefixIndex | None = None      # automatic prefix sharing (engine/sharing.py), None when off
+    host_prefix: PrefixIndex | None = None # the same for parked KV in the host arena
 
 
 @dataclass(eq=False)
@@ -85,8 +96,9 @@ class _Wait:
 
 
 class Residency:
-    def __init__(self, config: MemoryConfig, device: torch.device):
+    def __init__(self, config: MemoryConfig, device: torch.device, prefix_sharing: bool = True):
         self.config = config
+        self.prefix_sharing = prefix_sharing
         self.device = torch.device(device)
         self.policy = make_policy(config.policy)
         self.pager = Pager(self.device)
@@ -113,6 +125,11 @@ class Residency:
         arena = HostArena(pool.shape, host_blocks, pin=pin, chunk_bytes=self.config.host_chunk_bytes)
         with self.lock:
             self.tiers[name] = _Tier(pool, arena)
+            if self.prefix_sharing:
+                tier = self.tiers[name]
+                tier.prefix, tier.host_prefix = PrefixIndex(), PrefixIndex()
+                pool.on_free = tier.prefix.forget          # a freed block no longer holds its key's KV
+                arena.on_free = tier.host_prefix.forget
         return arena
 
     def register(self, s: Session) -> None:
@@ -318,6 +335,8 @@ class Residency:
                 extra = s.block_table[keep:]
                 del s.block_table[keep:]
                 tier.pool.release(extra)
+            if tier.prefix is not None and s.kv_state is KVState.DEVICE:
+                sharing.publish(tier.pool, tier.prefix, s)   # its full blocks may serve other sessions
             if self.pager.cuda:
                 s.kv_ready = torch.cuda.current_stream(self.device).record_event()
             self._reap()
@@ -373,9 +392,10 @@ class Residency:
                     return source, room_s
                 source = "host"
                 if st is KVState.PARKED:
-                    waiter = self._room(s.model, len(s.host_table), {s.id})
+                    waiter = self._room(s.model, self._restore_need(s), {s.id})
                     if waiter is None:
-                        self._start_restore(s)
+                        if not self._start_restore(s):
+                            continue               # a shared block went meanwhile: ask for room again
                         waiter = s.move.transfer
                     else:
                         for_room = True
@@ -398,6 +418,11 @@ class Residency:
                 tier = self.tiers[s.model]
                 pool = tier.pool
                 extend = max(0, pool.shape.blocks_for(tokens) - len(s.block_table))
+                if tier.prefix is not None and tokens > s.num_cached:
+                    # an indexed block about to be written (after a truncation) leaves the index
+                    bs = pool.shape.block_size
+                    tier.prefix.forget_many(b for b in s.block_table[s.num_cached // bs:]
+                                            if pool.refcount(b) == 1)
                 shared = shared_in_range(pool, s.block_table, s.num_cached, tokens)
                 if extend + len(shared) == 0:
                     return waited
@@ -415,6 +440,20 @@ class Residency:
             t = time.perf_counter()
             waiter.wait()
             waited += time.perf_counter() - t
+
+    def share_prefix(self, s: Session, end: int, lookup: bool = True, taint: bool = False) -> int:
+        """Automatic prefix sharing before a forward of ``tokens[num_cached:end]`` (blocks
+        reserved by ``begin_turn``): full blocks whose content another session holds on the device
+        are shared and skipped (``engine.sharing.take``). ``taint``: this forward changes K/V
+        (an intervention), so nothing from here on is shared; ``lookup`` False: the forward must
+        compute every token itself (white-box). Returns the tokens skipped."""
+        with self.lock:
+            if taint:
+                sharing.taint(s)
+            tier = self.tiers[s.model]
+            if tier.prefix is None or not lookup or s.kv_state is not KVState.DEVICE:
+                return 0
+            return sharing.take(tier.pool, tier.prefix, s, end)
 
     def fork(self, parent: Session, child: Session, inflight: int = 0) -> None:
         """Give ``child`` (new, unregistered) ``parent``'s KV without copying it: device blocks
@@ -441,6 +480,7 @@ class Residency:
         pool = tier.pool
         child.num_cached, child.rebuild_to = parent.num_cached, parent.rebuild_to
         child.kv_ready = parent.kv_ready
+        child.kv_clean_to = parent.kv_clean_to
         st = parent.kv_state
         if st is KVState.PARKED:
             tier.arena.share(parent.host_table)   # parked KV is only read (by restores): share it all
@@ -532,6 +572,7 @@ class Residency:
         if short > 0:
             cands = [self._candidate(x) for x in tier.sessions.values()
                      if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
+            self._credit_shared(tier, cands)
             plan = self.policy.victims(cands, short, tier.arena.free_count)
             self._last_pressure = self.clock()       # the memory is needed: semantic keeps nothing for a while
             if plan is None and self.policy.moves_kv:
@@ -560,18 +601,34 @@ class Residency:
                 return m.transfer
         raise CapacityError(f"no room for {need} KV blocks on {pool.device} and nothing is being freed")  # pragma: no cover
 
+    def _credit_shared(self, tier: _Tier, cands: list[Candidate]) -> None:
+        """A block shared (a fork, a common prefix) only by candidates comes free once all of them
+        are evicted: each holder is credited its share of it (``Fraction(1, holders)``), so the
+        policy sees that evicting all of them frees it, and never counts a block that a running
+        session or another, protected one still holds."""
+        pool = tier.pool
+        holders = Counter(b for c in cands for b in tier.sessions[c.id].block_table if pool.refcount(b) > 1)
+        if not holders:
+            return
+        for c in cands:
+            table = tier.sessions[c.id].block_table
+            by_k = Counter(holders[b] for b in table if pool.refcount(b) > 1 and holders[b] == pool.refcount(b))
+            c.reclaimable += sum((Fraction(n, k) for k, n in by_k.items()), Fraction(0))
+
     def _incoming(self, model: str) -> int:
-        """Device blocks that copies in flight will free when they complete."""
+        """Device blocks that copies in flight will free when they complete (a shared block
+        only if every one of its holders is being parked)."""
         pool = self.tiers[model].pool
         n = 0
+        parking: Counter = Counter()
         for m in self.moves:
             if m.model != model:
                 continue
             if m.kind == OUT and not m.cancelled:
-                n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
+                parking.update(m.device_blocks)
             elif m.kind == IN and m.cancelled:
-                n += len(m.device_blocks)
-        return n
+                n += sum(1 for b in m.device_blocks if pool.refcount(b) == 1)
+        return n + sum(1 for b, k in parking.items() if pool.refcount(b) == k)
 
     def _park(self, s: Session, allow_drop: bool) -> None:
         if s.kv_state is KVState.RESTORING:
@@ -581,24 +638,56 @@ class Residency:
             return
         tier = self.tiers[s.model]
         n = len(s.block_table)
-        if tier.arena.free_count < n:
+        # blocks whose content another parked session already holds on the host are shared, not copied
+        bs = tier.pool.shape.block_size
+        live = sharing.reshare(tier.arena, tier.host_prefix, s, n, bs) if tier.host_prefix is not None else {}
+        todo = [j for j in range(n) if j not in live]
+        if tier.arena.free_count < len(todo):
+            tier.arena.release(list(live.values()))
             if allow_drop:
                 self._drop(s)                  # no room on either tier: recompute later
             return
-        host = tier.arena.allocate(n)
-        tr = self.pager.park(tier.pool, s.block_table, tier.arena, host, after=s.kv_ready)
+        fresh = tier.arena.allocate(len(todo))
+        host = [live.get(j, 0) for j in range(n)]
+        for j, b in zip(todo, fresh):
+            host[j] = b
+        tr = self.pager.park(tier.pool, [s.block_table[j] for j in todo], tier.arena, fresh, after=s.kv_ready)
         s.move = _Move(s, s.model, OUT, list(s.block_table), host, tr)
         self.moves.append(s.move)
         s.kv_state = KVState.PARKING
 
-    def _start_restore(self, s: Session) -> None:
+    def _restore_need(self, s: Session) -> int:
+        """Device blocks a restore of ``s`` would allocate now: its host blocks, less those whose
+        content is live on the device (prefix sharing shares them instead of copying)."""
         tier = self.tiers[s.model]
-        dev = tier.pool.allocate(len(s.host_table))
-        tr = self.pager.restore(tier.arena, s.host_table, tier.pool, dev)
+        n = len(s.host_table)
+        if tier.prefix is None:
+            return n
+        return n - sharing.live_count(tier.prefix, s, n, tier.pool.shape.block_size)
+
+    def _start_restore(self, s: Session) -> bool:
+        """Start copying ``s`` back; False (nothing started) if the device lacks the room."""
+        tier = self.tiers[s.model]
+        n = len(s.host_table)
+        # blocks whose content is live on the device (prefix sharing) are shared, not copied back
+        bs = tier.pool.shape.block_size
+        live = sharing.reshare(tier.pool, tier.prefix, s, n, bs) if tier.prefix is not None else {}
+        todo = [j for j in range(n) if j not in live]
+        if len(todo) > tier.pool.free_count:
+            if live:
+                tier.pool.release(list(live.values()))
+                tier.prefix.hits -= len(live)
+            return False
+        fresh = tier.pool.allocate(len(todo))
+        dev = [live.get(j, 0) for j in range(n)]
+        for j, b in zip(todo, fresh):
+            dev[j] = b
+        tr = self.pager.restore(tier.arena, [s.host_table[j] for j in todo], tier.pool, fresh)
         s.move = _Move(s, s.model, IN, dev, list(s.host_table), tr)
         self.moves.append(s.move)
         s.kv_state = KVState.RESTORING
         s.prefetch_wanted = False
+        return True
 
     def _prefetch(self, s: Session) -> None:
         """Start bringing ``s`` back without waiting for anything."""
@@ -608,12 +697,10 @@ class Residency:
         if s.kv_state is not KVState.PARKED:
             return
         try:
-            waiter = self._room(s.model, len(s.host_table), {s.id})
+            waiter = self._room(s.model, self._restore_need(s), {s.id})
         except CapacityError:
             waiter = True                       # no room now: the request will try again
-        if waiter is None:
-            self._start_restore(s)
-        else:
+        if waiter is not None or not self._start_restore(s):
             s.prefetch_wanted = True
             self._wanted[s.id] = s
 
@@ -676,12 +763,16 @@ class Residency:
                 s.host_table[:] = m.host_blocks
                 s.kv_state = KVState.PARKED
                 self.counters["parked"] += 1
+                if tier.host_prefix is not None:          # later parks of the same blocks share these
+                    sharing.publish_table(tier.host_prefix, s, s.host_table, tier.pool.shape.block_size)
             else:
                 tier.arena.release(m.host_blocks)
                 s.host_table.clear()
                 s.block_table[:] = m.device_blocks       # in place: the same list object
                 s.kv_state = KVState.DEVICE
                 self.counters["restored"] += 1
+                if tier.prefix is not None:               # the blocks copied back may serve others
+                    sharing.publish_table(tier.prefix, s, s.block_table, tier.pool.shape.block_size)
             s.kv_epoch += 1
         self.moves = still
 
@@ -691,9 +782,8 @@ class Residency:
             if not s.prefetch_wanted or s.kv_state is not KVState.PARKED or sid not in tier.sessions:
                 s.prefetch_wanted = False
                 del self._wanted[sid]
-            elif not s.busy and tier.pool.free_count >= len(s.host_table):
+            elif not s.busy and tier.pool.free_count >= self._restore_need(s) and self._start_restore(s):
                 del self._wanted[sid]
-                self._start_restore(s)
 
     # ---- accounting -------------------------------------------------------------------
     def stats(self) -> dict:
@@ -712,13 +802,21 @@ class Residency:
             copies = self.pager.stats()
             used = sum(t.pool.used_count for t in self.tiers.values())
             shared = sum(t.pool.shared_count for t in self.tiers.values())
+            logical = sum(t.pool.logical_count for t in self.tiers.values())
             sharing = {
                 "kv_shared": sum(t.pool.shared_count * t.pool.shape.block_bytes for t in self.tiers.values()),
                 "kv_unshared_equivalent": sum(t.pool.logical_count * t.pool.shape.block_bytes
                                               for t in self.tiers.values()),
                 "shared_blocks": shared,
-                "sharing_ratio": shared / used if used else 0.0,   # of the device blocks held, shared ones
+                # logical KV (what the holders would need unshared) / physical KV (device blocks held)
+                "sharing_ratio": logical / used if used else 1.0,
+                "shared_fraction": shared / used if used else 0.0,   # of the device blocks held, shared ones
                 "forks": self.counters["forks"], "cow_copies": self.counters["cow_copies"],
+                "prefix_sharing": self.prefix_sharing,
+                "prefix_indexed_blocks": sum(len(t.prefix) for t in self.tiers.values() if t.prefix is not None),
+                "prefix_hits": sum(t.prefix.hits for t in self.tiers.values() if t.prefix is not None),
+                "prefix_host_hits": sum(t.host_prefix.hits for t in self.tiers.values() if t.host_prefix is not None),
+                "prefix_deduped": sum(t.prefix.deduped for t in self.tiers.values() if t.prefix is not None),
             }
             return {
                 "sharing": sharing,

@@ -58,6 +58,8 @@ class Session:
     prefetch_wanted: bool = False                         # ACTIVE came while the device had no room yet
     rebuild_to: int = 0                                   # dropped: tokens[:rebuild_to] had KV; recompute them first
     kv_ready: object = field(default=None, repr=False)    # CUDA event: the last compute that wrote its KV
+    kv_clean_to: int = 1 << 62                            # KV from this position on was computed with an
+                                                          # intervention that changes K/V: never shared (memory.prefix)
 
     @property
     def closed(self) -> bool:

@@ -32,6 +32,7 @@ from djinn.engine.executor import ForwardState
 from djinn.engine.interventions import LayerPlan
 from djinn.engine.requests import GenerateRequest, GenerateResult
 from djinn.engine.session import Phase, Session
+from djinn.engine.sharing import changes_kv
 from djinn.engine.tensors import TensorStore
 from djinn.errors import InvalidRequest, SessionClosed
 from djinn.protocol.expr import evaluate_expr
@@ -95,6 +96,8 @@ class WhiteBox:
                                  f"{rt.max_context}")
         eng.residency.begin_turn(s, total, activate=False)   # its KV back on the device ...
         eng._rebuild(s, rt)                  # ... or, if it was dropped, recomputed without hooks
+        # what it computes is never shared (engine/sharing.py); edited K/V never with plain sessions
+        eng.residency.share_prefix(s, total, lookup=False, taint=changes_kv((plan, breakpoint), L))
         start = s.num_cached
         pending = s.tokens[start:] + ids   # a previous generate's last sampled token is computed first
         blocks_before = len(s.block_table)

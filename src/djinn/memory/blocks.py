@@ -71,6 +71,7 @@ class BlockPool:
         self._shared = 0               # blocks held by more than one reference (forks)
         self._refsum = 0               # references in all: the blocks sessions would hold unshared
         self.high_water = 0            # the most blocks ever held at once (checked by the memory tests)
+        self.on_free = None            # called with each block whose last reference is dropped (memory.prefix)
 
     # ---- accounting -------------------------------------------------------------------
     @property
@@ -142,6 +143,8 @@ class BlockPool:
                 self._shared -= 1
             elif self._refs[b] == 0:
                 self._free.append(b)
+                if self.on_free is not None:
+                    self.on_free(b)
 
     # ---- views ------------------------------------------------------------------------
     def run_view(self, first: int, n: int) -> torch.Tensor:

@@ -66,6 +66,7 @@ class HostArena:
         self._held: dict[int, int] = {}      # held block -> reference count (forks share parked KV)
         self._landed = 0
         self._lock = threading.Lock()
+        self.on_free = None                  # called (under the arena's lock) with each block freed (memory.prefix)
         self._stop = False
         self._ready = threading.Event()
         self.error: str | None = None        # why the arena stopped short of its target, if it did
@@ -168,6 +169,8 @@ class HostArena:
                 if self._held[b] == 0:
                     del self._held[b]
                     heapq.heappush(self._free, b)
+                    if self.on_free is not None:
+                        self.on_free(b)
 
     # ---- views ------------------------------------------------------------------------
     def locate(self, block: int) -> tuple[int, int]:

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-memory", default=None)
     p.add_argument("--policy", default="semantic", choices=list(POLICIES))
     p.add_argument("--kv-blocks", type=int, default=None, help="explicit device KV block count (tests)")
+    p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+                   help="store every session's KV privately (default: identical prefixes once, per owner)")
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     mem = MemoryConfig(gpu_memory=args.gpu_memory, host_memory=args.host_memory, policy=args.policy,
                        kv_blocks=args.kv_blocks)
-    engine = Engine(config=EngineConfig(device=args.device, dtype=args.dtype, memory=mem))
+    engine = Engine(config=EngineConfig(device=args.device, dtype=args.dtype, prefix_sharing=args.prefix_sharing,
+                                        memory=mem))
     for name in args.model:
         engine.add_model(name, load_model(name, device=device, dtype=dtype, home=default_home(), progress=False))
     cfg = HttpConfig(api_keys=args.token)

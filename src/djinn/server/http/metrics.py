@@ -45,10 +45,17 @@ class EngineCollector:
         yield cap
         yield GaugeMetricFamily("djinn_weights_bytes", "Model weight bytes", value=mem.get("weights", 0))
         sharing = stats.get("sharing", {})
-        yield GaugeMetricFamily("djinn_kv_shared_bytes", "Device KV bytes in blocks shared by forks (counted once)",
+        yield GaugeMetricFamily("djinn_kv_shared_bytes",
+                                "Device KV bytes in blocks shared by forks or common prefixes (counted once)",
                                 value=sharing.get("kv_shared", 0))
-        yield GaugeMetricFamily("djinn_kv_sharing_ratio", "Fraction of held device KV blocks shared by forks",
-                                value=sharing.get("sharing_ratio", 0.0))
+        yield GaugeMetricFamily("djinn_kv_logical_bytes", "Device KV bytes the sessions would hold without sharing",
+                                value=sharing.get("kv_unshared_equivalent", 0))
+        yield GaugeMetricFamily("djinn_kv_sharing_ratio",
+                                "Logical over physical device KV bytes (1 = nothing shared)",
+                                value=sharing.get("sharing_ratio", 1.0))
+        yield CounterMetricFamily("djinn_prefix_shared_blocks",
+                                  "KV blocks taken from the prefix index instead of computed or copied",
+                                  value=sharing.get("prefix_hits", 0))
         swaps = CounterMetricFamily("djinn_swaps", "KV swaps between device and host", labels=["direction"])
         raw = stats.get("swaps", mem.get("swaps", 0))
         for direction, n in (raw.items() if isinstance(raw, dict) else [("all", raw)]):
