@@ -33,6 +33,7 @@ class RunOptions:
     progress: bool = True
     label: str = ""
     cuda_peak: bool = False      # the engine is in this process on CUDA: read torch's peak allocation
+    cuda_base: int = 0           # bytes allocated before this policy's engine started (not its own)
 
 
 class _Progress:
@@ -155,12 +156,16 @@ def finish_run(plans: list[AgentPlan], records: list[TurnRecord], spans: list[tu
     peak_kv = sampler.peak("kv_device")
     weights = stat(after, "weights")
     if opts.cuda_peak:
-        peak, source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        # less what was allocated before this engine started: an earlier policy's engine that
+        # lingers (agents cut short at a deadline still hold its client) is not this one's memory
+        peak = torch.cuda.max_memory_allocated() - opts.cuda_base
+        source = "torch.cuda.max_memory_allocated less the allocation before this engine started"
     elif peak_kv is not None:
         peak, source = peak_kv + (weights or 0), "weights + sampled kv_device high-water"
     else:
         peak, source = None, None
     summary.update({
+        "cuda_allocated_before_engine": opts.cuda_base if opts.cuda_peak else None,
         "wall_s": wall, "cut_short": cut_short, "hung_agents": len(hung),
         "live_agents": live_agents(spans),
         "peak_device_bytes": peak, "peak_device_source": source, "peak_kv_device_bytes": peak_kv,

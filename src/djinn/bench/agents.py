@@ -199,6 +199,10 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str,
     runs: list[dict] = []
     api = getattr(args, "api", "native") == "openai"
     name, policy = policy, run_label(cfg, policy, sharing)   # ``policy`` labels the runs from here on
+    _free_device()
+    cuda_base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    if cuda_base:
+        print(f"[{policy}] {cuda_base / 2**30:.2f} GiB still allocated from earlier engines (left out of its peak)")
     try:
         client = _Api(cfg, name, sharing) if api else _connect(args, cfg, name, sharing)
     except (djinn.DjinnError, RuntimeError) as exc:
@@ -241,7 +245,7 @@ def sweep_policy(args: argparse.Namespace, cfg: AgentsPreset, policy: str,
                 expect = plans[-1].arrival_s + sum(plans[-1].tool_s) + n * cfg.turns * turn_s
                 opts = RunOptions(new_tokens=cfg.new_tokens, deadline_s=min(left, max(30.0, 3 * expect)),
                                   slo_ms=cfg.slo_ms, progress=not args.no_progress,
-                                  label=f"{policy} {tool} n={n}", cuda_peak=cuda_peak)
+                                  label=f"{policy} {tool} n={n}", cuda_peak=cuda_peak, cuda_base=cuda_base)
                 run = {"policy": policy, "tool": tool, "tool_mean_s": ToolTime.parse(tool).mean * cfg.time_scale,
                        "tool_nominal_s": ToolTime.parse(tool).mean,
                        "n": n, "base_policy": name, "prefix_sharing": sharing, "deadline_s": opts.deadline_s, "host_arena_wait_s": host_wait,
