@@ -82,6 +82,10 @@ def build_metadata(spans: list[SeqSpan], block_size: int, device: torch.device) 
         if 0 in s.table[:need]:
             raise ValueError("block 0 is the reserved null block; a sequence's table may not use it")
         width = max(width, need)
+    # a multiple of 16 columns (padding points at the null block, never read past kv_lens): the
+    # table's row stride is a kernel argument, and Triton compiles one variant per divisibility
+    # class of it, so an unpadded width cost eager steps fresh compiles as contexts grew
+    width = -(-width // 16) * 16
     seq, pos = [], []
     for i, s in enumerate(spans):
         seq.extend([i] * s.new)
