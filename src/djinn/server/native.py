@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from typing import Any
 
 from djinn.config import ServerConfig
@@ -108,7 +109,9 @@ class NativeServer:
         return self._model_info[name]
 
     def stats(self) -> dict[str, Any]:
-        return {"connections": len(self.connections), **self.leases.stats(), "admission": self.admission.stats()}
+        # the names of the process's Python threads: which pool grew, when a count grows (bench soak)
+        return {"connections": len(self.connections), **self.leases.stats(), "admission": self.admission.stats(),
+                "threads": sorted(t.name for t in threading.enumerate())}
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` s, fail the rest."""
