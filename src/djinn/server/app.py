@@ -62,7 +62,9 @@ def banner(engine: Engine, config: Config, address: tuple[str, int], http: str |
                  f"server-side tensors up to {_mib(engine.config.max_tensor_bytes_per_session)} per session")
     lines.append("  auth: " + ("token required in hello" if s.token else "no token (loopback only)")
                  + f"; session lease {s.lease_seconds:g} s; max message {_mib(s.max_message_bytes)}")
-    lines.append(f"  limits: {s.max_queued} queued requests, {s.max_sessions_per_key} sessions per key, "
+    running = s.max_running if s.max_running is not None else engine.config.max_batch
+    lines.append(f"  limits: {s.max_queued} queued requests, {running} running generations, "
+                 f"{s.max_sessions_per_key} sessions per key, "
                  + (f"{s.max_tokens_per_request} tokens per request" if s.max_tokens_per_request else
                     "tokens per request up to the context")
                  + (f"; journal {s.journal}" if s.journal else ""))
@@ -150,9 +152,10 @@ def serve(config: Config) -> int:
     check_bind(s.host, s.token)
     if s.lease_seconds < 0 or s.shutdown_grace_seconds < 0:
         raise InvalidRequest("--lease and the shutdown grace must be >= 0 seconds")
-    if s.max_queued < 1 or s.max_sessions_per_key < 1 or (s.max_tokens_per_request is not None
-                                                           and s.max_tokens_per_request < 2):
-        raise InvalidRequest("--max-queued and --max-sessions-per-key must be >= 1, --max-tokens-per-request >= 2")
+    if s.max_queued < 1 or s.max_sessions_per_key < 1 or (s.max_running is not None and s.max_running < 1) or (
+            s.max_tokens_per_request is not None and s.max_tokens_per_request < 2):
+        raise InvalidRequest("--max-queued, --max-running and --max-sessions-per-key must be >= 1, "
+                             "--max-tokens-per-request >= 2")
     if s.max_message_bytes < 1 << 16:
         raise InvalidRequest("--max-message-size must be at least 64KiB")
     if s.token is not None and len(s.token) < 16:

@@ -40,7 +40,9 @@ class NativeServer:
         self.engine = engine
         self.config = config
         self.gateway = EngineGateway(engine)
-        self.admission = Admission(config.max_queued, config.max_sessions_per_key, config.max_tokens_per_request)
+        running = config.max_running if config.max_running is not None else engine.config.max_batch
+        self.admission = Admission(config.max_queued, config.max_sessions_per_key, config.max_tokens_per_request,
+                                   max_running=running)
         self.leases = Leases(config.lease_seconds, self._expire)
         self.connections: set[Connection] = set()
         self.stopping = False
