@@ -25,9 +25,13 @@ Checks (all asserted; the JSON says which failed):
   load) is expected and counted apart: a refused turn is skipped, a refused resume retried (the
   session stays paused until its resume runs).
 - a divergence from the reference is a wrong output unless, at every step, the reference's
-  logit of the served token is within ``--tie-tolerance`` of its best (fp32 rounding of a
-  different batch composition picking the other of two near-equal tokens): counted apart as
-  a near-tie, with its logit gaps in the JSON.
+  logit of the served token is within the tie tolerance of its best (rounding of a different
+  batch composition or kernel picking the other of two near-equal tokens): counted apart as a
+  near-tie, with its logit gaps in the JSON. The tolerance is ``--tie-tolerance``, or calibrated
+  at the start from the measured difference between the server's and the reference's logits.
+
+The reference can run on the GPU (``--ref-device cuda``) for a large preset (``--model
+llama2-7b``), in the server's dtype (``--dtype``).
 """
 
 from __future__ import annotations
@@ -47,13 +51,16 @@ from djinn.client.whitebox import Paused
 
 MODEL = "tiny-llama"
 TOKEN = "soak-token-" + "s" * 24
-VOCAB = 259
-# Two correct fp32 computations of the same logits differ by rounding: the engine's paged,
-# batched forward and transformers' forward on the same weights differ by at most 2.4e-7 on
-# tiny-llama (measured, logits of magnitude <= 0.5). A served token counts as a near-tie (not a
-# wrong output) only if, at every step, its reference logit is within this of the reference's
-# best: 40x that rounding, and far below the top-2 margin of almost every step (median 0.04).
+# Two correct computations of the same logits differ by rounding: on tiny-llama (float32, CPU)
+# the engine's paged forward and transformers' forward on the same weights differ by at most
+# 2.4e-7 (logits of magnitude <= 0.5). A served token counts as a near-tie (not a wrong output)
+# only if, at every step, its reference logit is within the tolerance of the reference's best.
+# The tolerance is calibrated at the start of each soak: TIE_FACTOR times the largest difference
+# between the server's logits (a ``forward``, fetched) and the reference's on the same tokens,
+# at least TIE_TOLERANCE (1e-5 on tiny-llama: 40x its rounding, far below the median top-2
+# margin of a step, 0.04), so a GPU / float16 server gets a tolerance of its own rounding.
 TIE_TOLERANCE = 1e-5
+TIE_FACTOR = 40.0
 
 
 def _proc_counts(pid: int) -> tuple[int, int]:
@@ -67,8 +74,11 @@ def _p99(xs: list[float]) -> float:
 
 class Soak:
     def __init__(self, address: str, http_url: str | None, seed: int, check_every: int, deadline: float,
-                 tie_tolerance: float = TIE_TOLERANCE):
+                 tie_tolerance: float = TIE_TOLERANCE, model: str = MODEL, ref_device: str = "cpu",
+                 dtype: str = "auto"):
         self.address, self.http_url, self.seed = address, http_url, seed
+        self.model, self.ref_device, self.dtype = model, ref_device, dtype
+        self.vocab = 259                                  # tiny-llama's; the reference's config when loaded
         self.check_every, self.deadline, self.tie_tolerance = check_every, deadline, tie_tolerance
         self.lock = threading.Lock()
         self.turns: list[tuple[float, float]] = []      # (when, latency s) of native turns
@@ -82,17 +92,44 @@ class Soak:
                        "disconnects": 0, "capacity_refusals": 0, "resume_retries": 0}
         self._model = None
 
-    def _ref(self, history: list[int], n: int) -> list[int]:
+    def load_reference(self) -> None:
         from djinn.config import default_home
         from djinn.models import load_model
 
         with self.lock:
             if self._model is None:   # the preset's weights: the same seed (0) as the server's
-                self._model = load_model(MODEL, device=torch.device("cpu"), home=default_home(), progress=False).model
-            ids = torch.tensor([history])
+                dtype = None if self.dtype == "auto" else getattr(torch, self.dtype)
+                self._model = load_model(self.model, device=torch.device(self.ref_device), dtype=dtype,
+                                         home=default_home(), progress=False).model
+                self.vocab = self._model.config.vocab_size
+
+    def _ref(self, history: list[int], n: int) -> list[int]:
+        self.load_reference()
+        with self.lock:
+            ids = torch.tensor([history], device=self._model.device)
             out = self._model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                        eos_token_id=None, pad_token_id=0)
         return out[0, len(history):].tolist()
+
+    def calibrate(self, client, sessions: int = 6) -> float:
+        """The largest |server logits - reference logits| over a few forwards (the second of
+        each over a cached prefix), on token ids drawn from a fixed seed."""
+        self.load_reference()
+        rng = random.Random(12345)
+        worst = 0.0
+        for _ in range(sessions):
+            s = client.model(self.model).session()
+            history: list[int] = []
+            for _ in range(2):
+                ids = [rng.randrange(3, self.vocab) for _ in range(rng.randint(8, 40))]
+                got = s.forward(ids).logits.fetch().float()
+                history += ids
+                with self.lock, torch.inference_mode():
+                    ref = self._model(torch.tensor([history], device=self._model.device)).logits[0].float().cpu()
+                n = min(len(got), len(ids))
+                worst = max(worst, float((got[-n:] - ref[-n:]).abs().max()))
+            s.close()
+        return worst
 
     def _judge(self, history: list[int], got: list[int], ref: list[int]) -> dict | None:
         """None if ``got`` is the reference's greedy continuation. Else the evidence: one forward
@@ -102,7 +139,8 @@ class Soak:
         if got == ref:
             return None
         with self.lock, torch.inference_mode():
-            logits = self._model(torch.tensor([history + got])).logits[0, len(history) - 1: len(history) - 1 + len(got)]
+            ids = torch.tensor([history + got], device=self._model.device)
+            logits = self._model(ids).logits[0, len(history) - 1: len(history) - 1 + len(got)].float().cpu()
         rows = torch.arange(len(got))
         gaps = logits.max(-1).values - logits[rows, torch.tensor(got)]
         k = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
@@ -150,13 +188,13 @@ class Soak:
         c = djinn.connect(self.address, token=TOKEN)
         dropped = False
         try:
-            s = c.model(MODEL).session()
+            s = c.model(self.model).session()
             self._count("sessions")
             history: list[int] = []
             for _ in range(rng.randint(1, 6)):
                 if time.monotonic() > self.deadline:
                     break
-                prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 12))]
+                prompt = [rng.randrange(3, self.vocab) for _ in range(rng.randint(1, 12))]
                 n = rng.randint(2, 10)
                 what = rng.random()
                 t = time.perf_counter()
@@ -230,7 +268,7 @@ class Soak:
                 break
             msgs.append({"role": "user", "content": " ".join(rng.choice(["tea", "sky", "red", "go", "one"])
                                                             for _ in range(rng.randint(1, 5)))})
-            r = http.post("/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 6,
+            r = http.post("/chat/completions", json={"model": self.model, "messages": msgs, "max_tokens": 6,
                                                      "temperature": 0, "prompt_cache_key": f"soak-{tag}"})
             if r.status_code == 429:
                 self._count("capacity_refusals")
@@ -243,7 +281,7 @@ class Soak:
             with self.lock:
                 self.http_turns += 1
         if check and answer is not None:
-            fresh = http.post("/chat/completions", json={"model": MODEL, "messages": msgs[:-1], "max_tokens": 6,
+            fresh = http.post("/chat/completions", json={"model": self.model, "messages": msgs[:-1], "max_tokens": 6,
                                                          "temperature": 0, "prompt_cache_key": f"soak-ref-{tag}"})
             if fresh.status_code == 200:
                 with self.lock:
@@ -259,9 +297,9 @@ class Soak:
             http.delete(f"/sessions/{sid}")
 
 
-def _held(client) -> dict:
+def _held(client, model: str) -> dict:
     s = client.stats()
-    return {"sessions": s["sessions"], "kv_device_blocks": s["kv_blocks"][MODEL]["used"],
+    return {"sessions": s["sessions"], "kv_device_blocks": s["kv_blocks"][model]["used"],
             "kv_parked": s["memory"]["kv_parked"], "tensors": s["memory"]["tensors"]}
 
 
@@ -291,7 +329,11 @@ def _threads_check(names0: list[str], names1: list[str], tasks0: int, tasks1: in
 
 
 def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, seed: int, check_every: int,
-             max_drift: float, device: str = "cpu", tie_tolerance: float = TIE_TOLERANCE) -> dict:
+             max_drift: float, device: str = "cpu", tie_tolerance: float | None = None, model: str = MODEL,
+             ref_device: str = "cpu", dtype: str = "auto") -> dict:
+    """One soak; ``model``/``dtype``: the server's (``djinn serve --model/--dtype``) and the
+    reference's, which runs on ``ref_device`` in this process. ``tie_tolerance``: None
+    calibrates it (``Soak.calibrate``, TIE_FACTOR x the measured rounding, at least TIE_TOLERANCE)."""
     import socket
 
     from djinn.server.launch import ServerProcess
@@ -299,16 +341,16 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         http_port = probe.getsockname()[1]
-    args = ["--kv-blocks", str(kv_blocks), "--lease", "1", "--policy", "semantic"]
+    args = ["--kv-blocks", str(kv_blocks), "--lease", "1", "--policy", "semantic", "--dtype", dtype]
     if http_workers:
         args += ["--http-port", str(http_port)]
-    srv = ServerProcess(*args, token=TOKEN, device=device, env={"OMP_NUM_THREADS": "1"}).start()
+    srv = ServerProcess(*args, model=model, token=TOKEN, device=device, env={"OMP_NUM_THREADS": "1"}).start(600)
     try:
         watch = djinn.connect(srv.address, token=TOKEN)
-        start = _held(watch)
+        start = _held(watch, model)
         url = f"http://127.0.0.1:{http_port}/v1" if http_workers else None
         # warm-up: one turn each way, so lazily started threads exist before the baseline counts
-        warm = watch.model(MODEL).session()
+        warm = watch.model(model).session()
         warm.generate([5, 6], max_new_tokens=2, ignore_eos=True)
         warm.close()
         if url:
@@ -320,8 +362,19 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
                     break
                 except httpx.HTTPError:
                     time.sleep(0.2)
-        soak = Soak(srv.address, url, seed, check_every, 0.0, tie_tolerance)
+            # the first text turn starts the tokenizer's own thread pool (Rust, one thread per
+            # CPU, not Python threads): it must exist before the baseline is counted
+            h = {"Authorization": f"Bearer {TOKEN}"}
+            r = httpx.post(url + "/chat/completions", headers=h, timeout=120,
+                           json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            r.raise_for_status()
+            httpx.delete(url + f"/sessions/{r.headers['x-djinn-session-id']}", headers=h, timeout=30)
+        soak = Soak(srv.address, url, seed, check_every, 0.0, TIE_TOLERANCE, model, ref_device, dtype)
         soak._ref([5, 6], 2)             # load the reference model now: not inside the first tenth's latencies
+        rounding = soak.calibrate(watch)
+        soak.tie_tolerance = tie_tolerance if tie_tolerance is not None else max(TIE_TOLERANCE, TIE_FACTOR * rounding)
+        print(f"soak: server vs reference logits differ by up to {rounding:.3g}; near-tie tolerance "
+              f"{soak.tie_tolerance:.3g}", flush=True)
         t0 = time.monotonic()
         soak.deadline = t0 + minutes * 60
         samples: list[tuple[float, int, int]] = []      # (s since start, threads, fds) of the server
@@ -348,10 +401,10 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
         mid = watch.stats()
         # everything closed or dropped: wait for the leases, then compare with the start
         deadline = time.monotonic() + 60
-        end = _held(watch)
+        end = _held(watch, model)
         while end != start and time.monotonic() < deadline:
             time.sleep(0.5)
-            end = _held(watch)
+            end = _held(watch, model)
         threads1, fds1 = _proc_counts(srv.proc.pid)
         names1 = _thread_names(watch)
         tasks1 = _proc_counts(srv.proc.pid)[0]
@@ -380,7 +433,7 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
             "seconds": elapsed, "native_turns": len(turns), "http_turns": soak.http_turns, **soak.counts,
             "checked": soak.checked, "wrong_outputs": len(soak.wrong), "wrong_samples": soak.wrong[:10],
             "near_ties": len(soak.near_ties), "near_tie_samples": soak.near_ties[:10],
-            "tie_tolerance": soak.tie_tolerance,
+            "tie_tolerance": soak.tie_tolerance, "logits_rounding_measured": rounding,
             "errors": len(soak.errors), "error_samples": soak.errors[:10], "error_kinds": dict(soak.error_kinds),
             "held_start": start, "held_end": end,
             "swaps": mid.get("swaps"), "sessions_by_kv_location_at_end": mid.get("sessions_by_kv_location"),
@@ -410,14 +463,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-every", type=int, default=3, help="compare one session in N with the reference")
     p.add_argument("--max-drift", type=float, default=1.2, help="allowed p99 ratio, last tenth / first tenth")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tie-tolerance", type=float, default=TIE_TOLERANCE,
-                   help="logit gap under which a divergence from the reference is a near-tie, counted apart")
-    p.add_argument("--device", default="cpu", help="the server's device (the reference runs on the CPU)")
+    p.add_argument("--tie-tolerance", type=float, default=None,
+                   help="logit gap under which a divergence from the reference is a near-tie, counted apart "
+                        f"(default: calibrated, {TIE_FACTOR:g}x the measured server/reference rounding, "
+                        f"at least {TIE_TOLERANCE:g})")
+    p.add_argument("--device", default="cpu", help="the server's device")
+    p.add_argument("--model", default=MODEL, help="the preset served (and the reference's weights: the same seed)")
+    p.add_argument("--dtype", default="auto", help="the server's and the reference's dtype (auto: float32 on the "
+                                                    "CPU, float16 on a GPU)")
+    p.add_argument("--ref-device", default="cpu", help="where this process runs the reference (transformers)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     res = run_soak(a.minutes, a.workers, a.http_workers, a.kv_blocks, a.seed, a.check_every, a.max_drift, a.device,
-                   a.tie_tolerance)
-    params = {k: v for k, v in vars(a).items() if k != "out"} | {"model": MODEL}
+                   a.tie_tolerance, a.model, a.ref_device, a.dtype)
+    params = {k: v for k, v in vars(a).items() if k != "out"}
     write(record("soak", torch.device(a.device), params, res), a.out)
     print(f"soak: {res['native_turns']} native + {res['http_turns']} HTTP turns in {res['seconds']:.0f} s; "
           f"wrong {res['wrong_outputs']}; held {res['held_end']} (start {res['held_start']}); "
