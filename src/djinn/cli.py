@@ -12,7 +12,7 @@ from pathlib import Path
 from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home, parse_size
 from djinn.errors import DjinnError
 
-BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak", "fork")
+BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak", "fork", "ties")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

@@ -57,3 +57,18 @@ def test_thread_growth_is_a_leak_unless_it_fills_an_event_loop_pool():
     assert not _threads_check(start, start, 6, 7)["ok"]                 # a new thread Python does not know
     overfull = start + [f"asyncio_{i}" for i in range(POOL_BOUND)]
     assert not _threads_check(start, overfull, 6, 6 + POOL_BOUND)["ok"]
+
+
+# found by ``djinn bench ties`` (benchmarks/results/ties-cpu-20261125T231701.json): the reference's
+# two best next tokens after this history are 157 and 250, 6e-8 apart; the engine, with the first
+# half's KV cached, picked 250 where transformers' generate picked 157
+TIE_HISTORY = [238, 172, 229, 111, 52, 144, 160, 54, 88, 221, 103, 127, 228, 200, 155, 257, 134, 56, 180, 131, 121,
+               87, 90, 9, 255, 144, 72, 151, 167, 191, 16, 121, 87, 258]
+
+
+def test_a_real_near_tie_is_judged_a_near_tie_and_its_gap_is_below_rounding():
+    ev = _soak(1e-5)._judge(TIE_HISTORY, [250], [157])
+    assert ev is not None and ev["near_tie"] and ev["max_gap"] < 1e-6
+    with torch.inference_mode():
+        logits = loaded(MODEL).model(torch.tensor([TIE_HISTORY])).logits[0, -1]
+    assert sorted(logits.topk(2).indices.tolist()) == [157, 250]      # the two best, whichever is first
