@@ -98,7 +98,8 @@ class Frontend:
             return 0
         notes = self.journal.conversations()
         n = 0
-        for sid, s in list(self.engine.sessions.items()):
+        # read on the engine loop: a native client may be opening sessions meanwhile
+        for sid, s in self.engine.loop.call(lambda: list(self.engine.sessions.items())):
             if not (s.owner or "").startswith(HTTP_OWNER) or sid in self.index.by_id:
                 continue
             note = notes.get(sid, {})
