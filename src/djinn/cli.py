@@ -13,7 +13,7 @@ from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, defau
 from djinn.errors import DjinnError
 from djinn.memory.policy import POLICIES
 
-BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak", "fork")
+BENCHES = ("agents", "resume", "whitebox", "swap", "stream", "protocol", "decode", "plot", "fuzz", "soak", "fork", "ties")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def _config(args: argparse.Namespace) -> Config:
                           token=args.token if getattr(args, "token", None) is not None
                           else os.environ.get("DJINN_TOKEN") or None,
                           http_port=getattr(args, "http_port", None))
-    for name in ("max_queued", "max_sessions_per_key", "max_tokens_per_request"):
+    for name in ("max_queued", "max_running", "max_sessions_per_key", "max_tokens_per_request"):
         if getattr(args, name, None) is not None:
             setattr(server, name, getattr(args, name))
     if getattr(args, "journal", None) is not None:
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest message a client may send or receive (default 256MiB)")
     serve.add_argument("--max-queued", type=int, default=None, metavar="N",
                        help="compute requests that may wait for the engine; more get CapacityError (default 256)")
+    serve.add_argument("--max-running", type=int, default=None, metavar="N",
+                       help="native generates running at once (in the batch); more get CapacityError "
+                            "(default: the engine's batch size, 64)")
     serve.add_argument("--max-sessions-per-key", type=int, default=None, metavar="N",
                        help="sessions one token / client key may own at once (default 1024)")
     serve.add_argument("--max-tokens-per-request", type=int, default=None, metavar="N",

@@ -101,6 +101,7 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0   # on SIGINT/SIGTERM, in-flight requests get this long to finish
     max_queued: int = 256              # compute requests waiting for the engine; more get CapacityError
+    max_running: int | None = None     # generates started and not finished (batched); None: the engine's max_batch
     max_sessions_per_key: int = 1024   # sessions one principal (token / client key) may own at once
     max_tokens_per_request: int | None = None   # prompt + max_new_tokens of one generate (None: the context)
     journal: str | None = None         # SQLite file of committed session histories (server/journal.py)

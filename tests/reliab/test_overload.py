@@ -33,8 +33,10 @@ def hf_greedy(history: list[int], n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def srv():
     # no token: each client is its own principal (its client key), so per-key limits are per client
+    # a generate leaves the queue when it starts (into the batch): --max-running bounds the batch
+    # too, so the server takes MAX_QUEUED + 1 turns at once whatever the timing
     s = ServerProcess("--kv-blocks", "512", "--lease", "1", "--max-queued", str(MAX_QUEUED),
-                      "--max-sessions-per-key", "3", "--max-tokens-per-request", "64", env=TEST_CHILD_ENV).start()
+                      "--max-running", str(MAX_QUEUED + 1), "--max-sessions-per-key", "3", "--max-tokens-per-request", "64", env=TEST_CHILD_ENV).start()
     yield s
     s.stop()
 
@@ -80,7 +82,8 @@ def test_a_burst_of_ten_times_capacity_is_refused_fast_and_the_admitted_turns_ar
         assert max(results[i][1] for i in admitted) < bound
         adm = clients[0].stats()["server"]["admission"]
         assert adm["queued_high_water"] <= MAX_QUEUED and adm["queued"] == 0
-        assert adm["rejected"]["queue"] >= len(refused)
+        assert adm["running_high_water"] <= MAX_QUEUED + 1
+        assert adm["rejected"]["queue"] + adm["rejected"]["running"] >= len(refused)
         # and afterwards every client is served again
         for i in refused[:3]:
             assert sessions[i].generate(prompts[i], max_new_tokens=4, ignore_eos=True).token_ids == \
@@ -128,3 +131,41 @@ def test_http_429_carries_retry_after():
             assert r.json()["error"]["type"] == "rate_limit_error"
     finally:
         engine.shutdown()
+
+
+def test_running_generations_are_bounded_not_only_the_queue():
+    """Starting a generate only hands it to the batcher, so the queue bound alone admits any
+    number of turns into the batch: --max-running bounds the generates admitted and unfinished."""
+    limit, burst, n = 2, 12, 48
+    s = ServerProcess("--kv-blocks", "512", "--lease", "1", "--max-queued", "256", "--max-running", str(limit),
+                      env=TEST_CHILD_ENV).start()
+    clients = [djinn.connect(s.address) for _ in range(burst)]
+    try:
+        sessions = [c.model(MODEL).session() for c in clients]
+        results: list = [None] * burst
+        gate = threading.Barrier(burst)
+
+        def one(i: int) -> None:
+            gate.wait()
+            try:
+                results[i] = ("ok", sessions[i].generate([3 + i, 5, 8], max_new_tokens=n, ignore_eos=True).token_ids)
+            except djinn.CapacityError as exc:
+                results[i] = ("refused", str(exc))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(burst)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        admitted = [i for i, r in enumerate(results) if r[0] == "ok"]
+        refused = [r[1] for r in results if r[0] == "refused"]
+        adm = clients[0].stats()["server"]["admission"]
+        assert adm["running_high_water"] <= limit and adm["running"] == 0 and adm["queued"] == 0
+        assert refused and all("generations are running" in r for r in refused)
+        assert adm["rejected"]["running"] == len(refused) and len(admitted) >= 1
+        for i in admitted[:2]:
+            assert results[i][1] == hf_greedy([3 + i, 5, 8], n)
+    finally:
+        for c in clients:
+            c.close()
+        s.stop()

@@ -24,6 +24,7 @@ from djinn.config import Config
 from djinn.engine import Engine
 from djinn.errors import InvalidRequest
 from djinn.server.auth import check_bind
+from djinn.server.journal import HTTP_OWNER
 from djinn.server.native import NativeServer
 
 log = logging.getLogger("djinn.server")
@@ -61,7 +62,9 @@ def banner(engine: Engine, config: Config, address: tuple[str, int], http: str |
                  f"server-side tensors up to {_mib(engine.config.max_tensor_bytes_per_session)} per session")
     lines.append("  auth: " + ("token required in hello" if s.token else "no token (loopback only)")
                  + f"; session lease {s.lease_seconds:g} s; max message {_mib(s.max_message_bytes)}")
-    lines.append(f"  limits: {s.max_queued} queued requests, {s.max_sessions_per_key} sessions per key, "
+    running = s.max_running if s.max_running is not None else engine.config.max_batch
+    lines.append(f"  limits: {s.max_queued} queued requests, {running} running generations, "
+                 f"{s.max_sessions_per_key} sessions per key, "
                  + (f"{s.max_tokens_per_request} tokens per request" if s.max_tokens_per_request else
                     "tokens per request up to the context")
                  + (f"; journal {s.journal}" if s.journal else ""))
@@ -71,12 +74,13 @@ def banner(engine: Engine, config: Config, address: tuple[str, int], http: str |
     return "\n".join(lines)
 
 
-def _start_http(engine: Engine, config: Config, loop: asyncio.AbstractEventLoop) -> str | None:
+def _start_http(engine: Engine, config: Config, loop: asyncio.AbstractEventLoop, journal=None) -> str | None:
     """The OpenAI-compatible front end, if this build has ``djinn.server.http.run_http``.
 
     Contract for that module: ``run_http(engine, config, port, host)``; a coroutine function
     runs as a task on the server's event loop, a plain function in a daemon thread (it may
-    block, e.g. running its own event loop)."""
+    block, e.g. running its own event loop). With ``--journal`` it also gets ``journal=``: the
+    front end notes its conversations there and adopts the ones restored (server/journal.py)."""
     port = config.server.http_port
     if port is None:
         return None
@@ -85,23 +89,28 @@ def _start_http(engine: Engine, config: Config, loop: asyncio.AbstractEventLoop)
     except (ImportError, AttributeError):
         return f"HTTP API: not available in this build (--http-port {port} ignored)"
     host = config.server.host
+    kwargs = {} if journal is None else {"journal": journal}
     if inspect.iscoroutinefunction(run_http):
-        loop.create_task(run_http(engine, config, port, host))
+        loop.create_task(run_http(engine, config, port, host, **kwargs))
     else:
-        threading.Thread(target=run_http, args=(engine, config, port, host), name="djinn-http", daemon=True).start()
+        threading.Thread(target=run_http, args=(engine, config, port, host), kwargs=kwargs, name="djinn-http",
+                         daemon=True).start()
     return f"HTTP API (OpenAI-compatible): http://{_where(host, port)}/v1"
 
 
-async def run_server(engine: Engine, config: Config, restored: list[tuple[str, str]] = ()) -> None:
+async def run_server(engine: Engine, config: Config, restored: list[tuple[str, str]] = (), journal=None) -> None:
     """Serve until SIGINT/SIGTERM, then shut the server down: the event-loop part of ``serve``.
-    ``restored``: ``(session_id, owner)`` of sessions the journal brought back; each starts a
-    lease at once, so one whose client never returns is closed like any abandoned session."""
+    ``restored``: ``(session_id, owner)`` of sessions the journal brought back; each native one
+    starts a lease at once, so one whose client never returns is closed like any abandoned
+    session. The HTTP front end's (owner ``http:``) have no lease, like all its conversations:
+    it adopts them (``journal``) and closes them as it closes any (DELETE, or eviction)."""
     loop = asyncio.get_running_loop()
     server = NativeServer(engine, config.server)
     address = await server.start()
     for sid, owner in restored:
-        server.leases.hold(sid, owner, conn=-1)   # no live connection holds it: its lease runs
-    http = _start_http(engine, config, loop)
+        if not owner.startswith(HTTP_OWNER):
+            server.leases.hold(sid, owner, conn=-1)   # no live connection holds it: its lease runs
+    http = _start_http(engine, config, loop, journal)
     print(banner(engine, config, address, http), flush=True)
     stop = asyncio.Event()
     signals = {"count": 0}
@@ -143,9 +152,10 @@ def serve(config: Config) -> int:
     check_bind(s.host, s.token)
     if s.lease_seconds < 0 or s.shutdown_grace_seconds < 0:
         raise InvalidRequest("--lease and the shutdown grace must be >= 0 seconds")
-    if s.max_queued < 1 or s.max_sessions_per_key < 1 or (s.max_tokens_per_request is not None
-                                                           and s.max_tokens_per_request < 2):
-        raise InvalidRequest("--max-queued and --max-sessions-per-key must be >= 1, --max-tokens-per-request >= 2")
+    if s.max_queued < 1 or s.max_sessions_per_key < 1 or (s.max_running is not None and s.max_running < 1) or (
+            s.max_tokens_per_request is not None and s.max_tokens_per_request < 2):
+        raise InvalidRequest("--max-queued, --max-running and --max-sessions-per-key must be >= 1, "
+                             "--max-tokens-per-request >= 2")
     if s.max_message_bytes < 1 << 16:
         raise InvalidRequest("--max-message-size must be at least 64KiB")
     if s.token is not None and len(s.token) < 16:
@@ -168,7 +178,7 @@ def serve(config: Config) -> int:
               + (f", {journal.counters['restore_skipped']} skipped" if journal.counters["restore_skipped"] else ""),
               flush=True)
     try:
-        asyncio.run(run_server(engine, config, restored))
+        asyncio.run(run_server(engine, config, restored, journal))
     finally:
         if journal is not None:
             journal.detach(engine)   # closing every session at shutdown must not empty the journal

@@ -42,13 +42,14 @@ class RequestContext:
     async def engine(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await self.server.gateway.call(fn, *args, record=self.call, **kwargs)
 
-    async def work(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A compute request: admitted into the engine's bounded queue, or CapacityError at once."""
-        ticket = self.server.admission.admit()
+    async def work(self, fn: Callable[..., Any], *args: Any, turn: bool = False, **kwargs: Any) -> Any:
+        """A compute request: admitted into the engine's bounded queue (a generate ``turn`` also
+        into the bounded running set until it ends), or CapacityError at once."""
+        ticket = self.server.admission.admit(turn)
         try:
             return await self.server.gateway.call(fn, *args, record=self.call, ticket=ticket, **kwargs)
         finally:
-            ticket.release()
+            ticket.finish()
 
     def hold(self, session_id: str) -> None:
         self.server.leases.hold(session_id, self.owner, self.conn)
@@ -140,7 +141,7 @@ async def op_session_open(ctx: RequestContext, req: dict, tensors) -> Reply:
 async def op_generate(ctx: RequestContext, req: dict, tensors) -> Reply:
     ctx.server.admission.check_tokens(req["prompt"], req["max_new_tokens"])
     result = await ctx.work(ctx.server.engine.submit_generate, req["session_id"], generate_request(req, tensors),
-                              owner=ctx.owner)
+                            turn=True, owner=ctx.owner)
     ctx.hold(req["session_id"])
     return generation_reply(result, ctx.call.queued_s), []
 

@@ -23,10 +23,20 @@ panic) may lose the turns since the last WAL checkpoint's fsync. ``sync="full"``
 of one fsync per turn.
 
 Which sessions: only those whose owner is a stable principal (``token:`` a server token,
-``key:`` a client key; server/auth.py), the only ones a client can name again after a
-restart. ``conn:`` principals (a connection without a key) die with their connection, and
-the HTTP front end keeps its own conversation index in memory, so their sessions are not
+``key:`` a client key; server/auth.py; ``http:`` the digest of an HTTP API key,
+server/http/app.py), the only ones a client can name again after a restart. ``conn:``
+principals (a connection without a key) die with their connection, so their sessions are not
 journaled (a restart answers their ids with SessionNotFound, never with another's data).
+
+HTTP conversations: the OpenAI-compatible front end keeps server-side sessions (matched by the
+``X-Djinn-Session`` header, by the tool-call ids it issued, or by token prefix;
+server/http/sessions.py). Their engine sessions are journaled like any other, and the front
+end adds one ``conversations`` row per session (``note``: its namespace, issued tool-call
+ids, last finish reason, turns; JSON) after each turn, so a restarted front end rebuilds its
+index (``conversations()``) and every way of matching a conversation works again. The row
+goes with the session (``forget``). Not journaled: stored Responses-API objects
+(``previous_response_id``), which stay in memory; a client continues such a conversation
+after a restart by sending its messages (matched by prefix) or its session id.
 
 A journal write that fails (disk full) is logged and counted, never raised into the turn:
 the reply is still correct, only the restart guarantee is lost for that session.
@@ -50,7 +60,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("djinn.server")
 
-STABLE_OWNERS = ("token:", "key:")
+HTTP_OWNER = "http:"      # the HTTP front end's principals (server/http/app.py ``owner_of``)
+STABLE_OWNERS = ("token:", "key:", HTTP_OWNER)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -62,6 +73,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     turns INTEGER NOT NULL,
     cached INTEGER NOT NULL,
     updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    meta TEXT NOT NULL
 )"""
 
 
@@ -96,7 +111,7 @@ class Journal:
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={sync.upper()}")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self.counters = {"commits": 0, "forgets": 0, "errors": 0, "restored": 0, "restore_skipped": 0}
 
     # ---- engine hooks (engine loop thread) -------------------------------------------
@@ -118,10 +133,29 @@ class Journal:
         try:
             with self._lock:
                 cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                self._db.execute("DELETE FROM conversations WHERE id = ?", (session_id,))
             self.counters["forgets"] += cur.rowcount > 0
         except sqlite3.Error as exc:
             self.counters["errors"] += 1
             log.error("journal: could not forget session %s: %s", session_id, exc)
+
+    # ---- the HTTP front end's conversations (its event loop's worker threads) ---------
+    def note(self, session_id: str, meta: dict) -> None:
+        """Record what the HTTP front end knows of a session beyond its tokens. Written only
+        while the session's journal row exists (a note of a session closed meanwhile is dropped)."""
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO conversations SELECT ?, ? WHERE EXISTS "
+                                 "(SELECT 1 FROM sessions WHERE id = ?)", (session_id, json.dumps(meta), session_id))
+        except sqlite3.Error as exc:
+            self.counters["errors"] += 1
+            log.error("journal: could not record conversation %s: %s", session_id, exc)
+
+    def conversations(self) -> dict[str, dict]:
+        """session id -> the front end's last note of it."""
+        with self._lock:
+            out = self._db.execute("SELECT id, meta FROM conversations").fetchall()
+        return {sid: json.loads(meta) for sid, meta in out}
 
     # ---- start -----------------------------------------------------------------------
     def rows(self) -> list[dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from typing import Any
 
 from djinn.config import ServerConfig
@@ -39,7 +40,9 @@ class NativeServer:
         self.engine = engine
         self.config = config
         self.gateway = EngineGateway(engine)
-        self.admission = Admission(config.max_queued, config.max_sessions_per_key, config.max_tokens_per_request)
+        running = config.max_running if config.max_running is not None else engine.config.max_batch
+        self.admission = Admission(config.max_queued, config.max_sessions_per_key, config.max_tokens_per_request,
+                                   max_running=running)
         self.leases = Leases(config.lease_seconds, self._expire)
         self.connections: set[Connection] = set()
         self.stopping = False
@@ -108,7 +111,9 @@ class NativeServer:
         return self._model_info[name]
 
     def stats(self) -> dict[str, Any]:
-        return {"connections": len(self.connections), **self.leases.stats(), "admission": self.admission.stats()}
+        # the names of the process's Python threads: which pool grew, when a count grows (bench soak)
+        return {"connections": len(self.connections), **self.leases.stats(), "admission": self.admission.stats(),
+                "threads": sorted(t.name for t in threading.enumerate())}
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` s, fail the rest."""

@@ -64,12 +64,15 @@ async def read_json(request: Request, limit: int):
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def create_app(engine, config=None) -> FastAPI:
+def create_app(engine, config=None, journal=None) -> FastAPI:
     """The OpenAI-compatible API over ``engine``. ``config``: a djinn ``Config`` (its
-    ``server.token`` is the API key) or an ``HttpConfig``."""
+    ``server.token`` is the API key) or an ``HttpConfig``. ``journal``: a
+    ``server.journal.Journal`` the engine is attached to: conversations are noted there after
+    each turn, and those it restored into the engine are adopted now (they survive a restart)."""
     cfg = _http_config(config)
     metrics = Metrics(engine)
-    fe = Frontend(engine, cfg, metrics)
+    fe = Frontend(engine, cfg, metrics, journal=journal)
+    fe.adopt_journaled()
     app = FastAPI(title="Djinn OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.frontend = fe
     started = int(time.time())

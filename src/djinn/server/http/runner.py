@@ -41,15 +41,17 @@ class HttpServer:
         self._thread.join()
 
 
-def run_http(engine, config, port: int = 8000, host: str = "127.0.0.1", log_level: str = "warning") -> HttpServer:
-    """Serve the OpenAI-compatible API for ``engine`` on ``host:port`` from a background thread."""
+def run_http(engine, config, port: int = 8000, host: str = "127.0.0.1", log_level: str = "warning",
+             journal=None) -> HttpServer:
+    """Serve the OpenAI-compatible API for ``engine`` on ``host:port`` from a background thread.
+    ``journal``: the server's session journal (``djinn serve --journal``), see ``create_app``."""
     token = getattr(getattr(config, "server", None), "token", None)
     keys = getattr(config, "api_keys", None)
     if host not in ("127.0.0.1", "localhost", "::1") and not (token or keys):
         from djinn.errors import InvalidRequest
 
         raise InvalidRequest(f"refusing to serve HTTP on {host} without an API key: pass --token")
-    app = create_app(engine, config)
+    app = create_app(engine, config, journal=journal)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -31,6 +31,7 @@ from djinn.server.http.render import Renderer
 from djinn.server.http.sessions import Conversation, SessionIndex, common_prefix
 from djinn.server.http.toolcalls import ToolCall, parse
 from djinn.server.http.validate import ChatRequest
+from djinn.server.journal import HTTP_OWNER
 
 log = logging.getLogger("djinn.http")
 _DONE = object()
@@ -51,10 +52,11 @@ class Turn:
 
 
 class Frontend:
-    def __init__(self, engine, config: HttpConfig, metrics=None):
+    def __init__(self, engine, config: HttpConfig, metrics=None, journal=None):
         self.engine = engine
         self.config = config
         self.metrics = metrics
+        self.journal = journal        # server/journal.py: conversations survive a restart
         self.index = SessionIndex(config.idempotency_entries)
         self._renderers: dict[str, Renderer] = {}
         self._grammars: dict[str, object] = {}
@@ -87,6 +89,33 @@ class Frontend:
     async def call(self, fn, *args, **kwargs):
         """An engine (or other blocking) call, off the event loop."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # ---- the journal -------------------------------------------------------------------
+    def adopt_journaled(self) -> int:
+        """Index the conversations the journal restored into the engine (before serving): the
+        tokens are the engine session's own, the rest the front end's last note. Returns how many."""
+        if self.journal is None:
+            return 0
+        notes = self.journal.conversations()
+        n = 0
+        # read on the engine loop: a native client may be opening sessions meanwhile
+        for sid, s in self.engine.loop.call(lambda: list(self.engine.sessions.items())):
+            if not (s.owner or "").startswith(HTTP_OWNER) or sid in self.index.by_id:
+                continue
+            note = notes.get(sid, {})
+            conv = Conversation(id=sid, owner=s.owner, model=s.model, namespace=note.get("namespace"),
+                                tokens=list(s.tokens), finish_reason=note.get("finish_reason"),
+                                turns=int(note.get("turns", s.turns)))
+            self.index.add(conv)
+            self.index.issue_calls(conv, list(note.get("issued_calls", [])))
+            conv.pending_calls = set(note.get("pending_calls", []))
+            n += 1
+        return n
+
+    @staticmethod
+    def _note(conv: Conversation) -> dict:
+        return {"namespace": conv.namespace, "issued_calls": list(conv.issued_calls),
+                "pending_calls": sorted(conv.pending_calls), "finish_reason": conv.finish_reason, "turns": conv.turns}
 
     # ---- sessions ----------------------------------------------------------------------
     async def close(self, conv: Conversation) -> None:
@@ -247,6 +276,8 @@ class Frontend:
                           cached_tokens=result.cached_tokens, djinn=djinn)
             if self.metrics is not None:
                 self.metrics.turn(result, out)
+            if self.journal is not None:       # under the session's lock: no close can interleave
+                await self.call(self.journal.note, conv.id, self._note(conv))
             return out
         except BaseException:
             if conv.turns == 0 and info["matched_by"] == "new":
