@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     bs = 16
     per_fork = -(-(args.new + 2) // bs) + 1
     blocks = 2 * (-(-(args.prefix + 1) // bs)) + args.forks * per_fork + 16   # room for the independent checks
-    eng = Engine({"m": lm}, EngineConfig(memory=MemoryConfig(block_size=bs, kv_blocks=blocks)))
+    # prefix sharing off: this measures fork's own sharing, and the independent sessions then
+    # compute every block themselves, as a session that never met the parent would (with it on,
+    # they would take the parent's blocks, and the forks' identical completed blocks would merge)
+    eng = Engine({"m": lm}, EngineConfig(prefix_sharing=False, memory=MemoryConfig(block_size=bs, kv_blocks=blocks)))
     pool = eng.runtimes["m"].pool
     greedy = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         eng.shutdown()
     for k, v in results.items():
         print(f"{k}: {v}")
-    params = {"model": args.model, "dtype": str(dtype), "prefix": args.prefix, "forks": args.forks, "new": args.new}
+    params = {"model": args.model, "dtype": str(dtype), "prefix": args.prefix, "forks": args.forks, "new": args.new,
+              "prefix_sharing": False}
     write(record("fork", device, params, results), args.out)
     return 0
