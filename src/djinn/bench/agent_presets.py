@@ -23,8 +23,10 @@ Every field can be overridden on the command line; the resolved values go into t
 - ``shared-prefix``: agents whose first prompt starts with the same 2,000-token system prompt and
   tool list (``shared_prefix_tokens``; then 64 tokens of their own), run with automatic prefix
   sharing on and off (``prefix_sharing``) under the same budgets (the ``seeds`` preset's 20 GiB
-  device, where about 5 agents' unshared 2k-token contexts fit): the agents sustained each way.
-  Semantic policy only; ``--quick`` gives its CPU smoke run (``shared-prefix-quick``).
+  device, where about 5 agents' unshared 2k-token contexts fit; 16 GiB host): the agents
+  sustained each way. Arrivals at 0.5/s (2/s as run): a block becomes shareable when the turn
+  that computes it ends, so agents arriving during the first one's prefill compute their own
+  (the first H100 run at 8/s as run had every agent of N=8 prefilling at once). Semantic policy only; ``--quick`` gives its CPU smoke run (``shared-prefix-quick``).
 - ``quick``: tiny-llama on the CPU with a 20-block device KV pool (2-3 agents' worth) that
   forces parking at N=8, N in {2, 4, 8}: the CI smoke run (well under 3 minutes on 2 cores).
 - ``tools-quick``: the tools preset's smoke run: tiny-llama on the CPU, a 0.01 s tool (far
@@ -81,8 +83,8 @@ PRESETS: dict[str, AgentsPreset] = {
                "run one policy per command (--policies P): each fits in 9 minutes")),
     "shared-prefix": AgentsPreset(
         name="shared-prefix", model="llama2-7b", shared_prefix_tokens=2000, prompt_tokens=64, context_tokens=64,
-        new_tokens=16, turns=3, rate=2.0, tools=("uniform:2,6",), n=(8, 16, 32, 48, 64), until_fail=True,
-        max_n=128, time_scale=0.25, gpu_memory="20GiB", host_memory="32GiB", policies=("semantic",),
+        new_tokens=16, turns=3, rate=0.5, tools=("uniform:2,6",), n=(8, 16, 32, 48, 64), until_fail=True,
+        max_n=128, time_scale=0.25, gpu_memory="20GiB", host_memory="16GiB", policies=("semantic",),
         prefix_sharing=(True, False), policy_budget_s=150.0,
         notes=("every agent's first prompt: the same 2,000 tokens, then 64 of its own; "
                "arrival gaps and tool times x time_scale",)),
