@@ -99,6 +99,8 @@ def test_triton_kernel_interpreted_equals_naive():
 # ---- GPU -----------------------------------------------------------------------------
 TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 LONG = [(0, 1), (15, 1), (16, 1), (17, 1), (511, 1), (1023, 1), (2047, 1), (300, 1), (1, 1)]
+# chunks past triton_paged.SMALL_CHUNK (gather + SDPA); MIXED's chunks go through the paged kernel
+BIG = [(10, 40), (600, 33), (2000, 17)]
 
 
 @pytest.mark.gpu
@@ -123,7 +125,7 @@ def test_gpu_kernel_equals_reference(dtype, heads, kv_heads, dim, splits):
 def test_gpu_backend_mixed_batch_equals_reference(dtype):
     from djinn.attention.triton_paged import TritonPagedBackend
 
-    q, kc, vc, meta = make_case(32, 8, 128, MIXED + LONG, dtype=dtype, device="cuda")
+    q, kc, vc, meta = make_case(32, 8, 128, MIXED + LONG + BIG, dtype=dtype, device="cuda")
     be = TritonPagedBackend()
     out = be.attend(q, kc, vc, be.prepare(meta), 0.088)
     ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), meta, 0.088)
