@@ -73,3 +73,35 @@ def test_cuda_interventions_over_a_generation_match_transformers_generate_with_h
         assert done.token_ids == hf_greedy(lm.model, ids, 10)
     finally:
         eng.shutdown()
+
+
+def test_cuda_a_paused_session_leaves_the_device_while_another_runs():
+    """Issue 5's "pause frees the GPU" on CUDA: A paused at a breakpoint is parked when B needs
+    its blocks (device KV bytes held by A drop to zero while B runs), then resumes with the
+    logits of a session that was never moved (the same kernels on the same values: fp32, so
+    within fp32 rounding of transformers' own forward too)."""
+    from djinn.config import EngineConfig, MemoryConfig
+    from djinn.engine import Engine
+
+    from tests.engine.test_whitebox import hf_logits, logits_of
+
+    lm = loaded("tiny-llama", device="cuda", dtype=torch.float32)
+    eng = Engine({"m": lm}, EngineConfig(memory=MemoryConfig(kv_blocks=9, host_blocks=64, policy="semantic")))
+    try:
+        a, b = eng.open_session("m"), eng.open_session("m")
+        history = prompt(lm, 40, 1)
+        first = eng.generate(a, GenerateRequest(history, greedy(1))).token_ids
+        ids = prompt(lm, 10, 2)
+        p = eng.forward(a, ids, breakpoint=1)["paused"]
+        held = len(eng.sessions[a].block_table)
+        assert held > 0 and eng.stats()["memory"]["kv_device"] > 0
+        eng.generate(b, GenerateRequest(prompt(lm, 80, 3), greedy(4)))     # needs A's blocks
+        eng.residency.wait_idle()
+        info = eng.session_info(a)
+        assert info["phase"] == "PAUSED" and info["kv_location"] == "host"
+        assert len(eng.sessions[a].block_table) == 0                          # A holds no device KV
+        out = logits_of(eng, eng.resume(p["paused_id"])).cpu()
+        ref = hf_logits(lm.model, first + ids, past=history).cpu()
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    finally:
+        eng.shutdown()
