@@ -84,3 +84,42 @@ def test_a_dropped_prefix_is_rebuilt_without_the_requests_interventions():
         assert eng.stats()["swaps"]["recomputed"] == 1
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["semantic", "semantic-park"])
+def test_signals_park_and_bring_back_a_paused_session(policy):
+    lm = loaded("tiny-llama")
+    eng = engine(lm, policy, blocks=64, host=64)
+    try:
+        a = eng.open_session("m")
+        history = prompt(lm, 40, 1)
+        first = eng.generate(a, GenerateRequest(history, greedy(1))).token_ids
+        ids = prompt(lm, 10, 2)
+        p = eng.forward(a, ids, breakpoint=1)["paused"]
+        eng.signal_phase(a, "IO_WAIT")                           # the researcher goes to think
+        eng.residency.wait_idle()
+        info = eng.session_info(a)
+        assert info["phase"] == "PAUSED" and info["kv_location"] == "host"
+        assert eng.runtimes["m"].pool.used_count == 0
+        eng.signal_phase(a, "ACTIVE")                            # back: prefetch before resume
+        eng.residency.wait_idle()
+        assert eng.session_info(a)["kv_location"] == "device" and eng.session_info(a)["phase"] == "PAUSED"
+        out = logits_of(eng, eng.resume(p["paused_id"]))
+        assert torch.equal(out, hf_logits(lm.model, first + ids, past=history))
+    finally:
+        eng.shutdown()
+
+
+def test_lru_ignores_signals_on_a_paused_session():
+    lm = loaded("tiny-llama")
+    eng = engine(lm, "lru", blocks=64, host=64)
+    try:
+        a = eng.open_session("m")
+        eng.generate(a, GenerateRequest(prompt(lm, 40, 1), greedy(1)))
+        p = eng.forward(a, prompt(lm, 10, 2), breakpoint=1)["paused"]
+        eng.signal_phase(a, "IO_WAIT")
+        eng.residency.wait_idle()
+        assert eng.session_info(a)["kv_location"] == "device" and eng.session_info(a)["phase"] == "PAUSED"
+        eng.resume(p["paused_id"])
+    finally:
+        eng.shutdown()

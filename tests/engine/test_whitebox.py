@@ -359,8 +359,9 @@ def test_bad_white_box_requests_are_clear_errors_and_change_nothing(llama_engine
         eng.generate(sid, GenerateRequest([1], greedy(2)))
     with pytest.raises(InvalidRequest, match="paused"):
         eng.forward(sid, [1])
-    with pytest.raises(InvalidRequest, match="paused"):
-        eng.signal_phase(sid, "IO_WAIT")
+    eng.signal_phase(sid, "IO_WAIT")        # allowed: may park the KV; the session stays paused
+    assert eng.session_info(sid)["phase"] == "PAUSED"
+    eng.signal_phase(sid, "ACTIVE")
     nan = good.clone()
     nan[3, 5] = float("nan")
     for bad, match in [(good[:-1], "shape"), (good.unsqueeze(0), "shape"), (good.long(), "dtype"),

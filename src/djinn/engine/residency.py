@@ -54,7 +54,8 @@ from djinn.memory.blocks import BlockPool
 from djinn.memory.cow import copy_blocks, privatize, shared_in_range
 from djinn.memory.host import HostArena
 from djinn.memory.pager import IN, OUT, Pager, Transfer
-from djinn.memory.policy import Action, Candidate, CopyRates, KVState, Room, WaitHistory, WaitPlan, make_policy
+from djinn.memory.policy import (Action, Candidate, CopyRates, KVState, Room, Semantic, WaitHistory, WaitPlan,
+                                 make_policy)
 from djinn.memory.prefix import PrefixIndex
 
 
@@ -190,11 +191,26 @@ class Residency:
             if s.id not in self.tiers[s.model].sessions or s.closed:
                 raise SessionNotFound(f"no session {s.id!r}: it was closed")
             if s.phase is Phase.PAUSED:
-                raise InvalidRequest("the session is paused at a breakpoint: resume it before signalling a phase")
+                self._signal_paused(s, phase)
+                return
             self._set_phase(s, phase)
             if not s.busy:
                 self._apply_signal(s)
                 self._start_wanted_prefetches()
+
+    def _signal_paused(self, s: Session, phase: Phase) -> None:
+        """A session paused at a breakpoint stays paused: the signal only says where its KV
+        should be while the person (or program) holding the breakpoint thinks. ``IO_WAIT``
+        parks it now (never drops: the paused forward's KV is not in the token history) and
+        ``ACTIVE`` brings it back ahead of ``resume``, under the policies that use signals;
+        the others ignore it, as they ignore every signal."""
+        if not isinstance(self.policy, Semantic) or s.busy:
+            return
+        if phase is Phase.IO_WAIT:
+            self._park(s, allow_drop=False)
+        else:
+            self._prefetch(s)
+            self._start_wanted_prefetches()
 
     def _set_phase(self, s: Session, phase: Phase) -> None:
         now = self.clock()
