@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from djinn.bench.agent_api import HttpServer
+
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 KEY, OTHER_KEY = "test-key-one", "test-key-two"
 
 
-class ServerProcess:
+class ServerProcess(HttpServer):
+    """``bench/agent_api.HttpServer`` with this checkout's src on the child's path and the
+    tokens given in ``args``, plus the helpers the tests use."""
+
     def __init__(self, *args: str, timeout: float = 240.0):
         env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "djinn.server.http", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        self.url = None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if line.startswith("djinn-http listening on "):
-                self.url = line.split()[-1]
-                break
-        if self.url is None:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines))
-
-    @property
-    def root(self) -> str:
-        return self.url[: -len("/v1")]
+        super().__init__(list(args), timeout_s=timeout, token=None, env=env)
 
     def client(self, key: str = KEY):
         from openai import OpenAI
@@ -58,17 +42,6 @@ class ServerProcess:
             if not info["busy"] or time.monotonic() > deadline:
                 return info
             time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 def smollm2_server(*extra: str) -> ServerProcess:

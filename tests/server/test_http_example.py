@@ -19,6 +19,8 @@ def test_openai_agent_loop_example(server):
     turns = re.findall(r"turn (\d): finish=(\w+) prompt=(\d+) cached=(\d+) session=(\w+) matched_by=(\w+)", out.stdout)
     assert len(turns) == 2, out.stdout
     (_, f1, p1, c1, s1, _), (_, _, p2, c2, s2, how2) = turns
-    assert f1 == "tool_calls" and int(c1) == 0
+    # a first turn computes everything but whole blocks another conversation of this key already
+    # holds (the tests share one server, and the example's system prompt and tools may match)
+    assert f1 == "tool_calls" and int(c1) % 16 == 0 and int(c1) < int(p1)
     assert "tool get_weather(" in out.stdout
     assert s2 == s1 and how2 == "tool_call_ids" and int(c2) > int(p1)

@@ -74,11 +74,14 @@ def words(ids: list[int]) -> str:
 class HttpServer:
     """One ``python -m djinn.server.http`` process on a free loopback port; ``stop()`` ends it."""
 
-    def __init__(self, args: list[str], timeout_s: float = 600.0):
-        # the child inherits this environment (PYTHONPATH, OMP_NUM_THREADS) and so runs this djinn
-        self.proc = subprocess.Popen([sys.executable, "-m", "djinn.server.http", "--port", "0", "--token", API_KEY,
-                                      *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ))
+    def __init__(self, args: list[str], timeout_s: float = 600.0, token: str | None = API_KEY,
+                 env: dict | None = None):
+        # the child inherits this environment (PYTHONPATH, OMP_NUM_THREADS) and so runs this djinn;
+        # ``token=None``: the caller's ``args`` name the server's tokens
+        tokens = ["--token", token] if token else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "djinn.server.http", "--port", "0", *tokens, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env if env is not None else dict(os.environ))
         self.lines: list[str] = []
         self.url: str | None = None
         deadline = time.monotonic() + timeout_s
