@@ -155,3 +155,29 @@ def test_responses_tool_loop_by_call_id(server):
     assert r2.model_extra["djinn"]["session_id"] == sid
     assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens + r1.usage.output_tokens - 1
     assert server.session(sid)["phase"] == "ACTIVE"
+
+
+def test_a_diverging_conversation_forks_the_one_it_repeats(server):
+    """Fork-on-divergence: an edit late in a long conversation (or a sub-agent handed its
+    parent's history) becomes a fork of the original cut back to where they differ; its reply is
+    the one a fresh conversation under another key gets, and the original goes on untouched."""
+    c = server.client()
+    msgs = [SYSTEM, {"role": "user", "content": "Remember these: apple, river, candle, seven, violet, north."}]
+    r1, d1 = ask(c, msgs)
+    msgs += [assistant_message(r1.choices[0].message), {"role": "user", "content": "Which was the fruit?"}]
+    r2, d2 = ask(c, msgs)
+    assert d2["session_id"] == d1["session_id"]
+    edited = [dict(m) for m in msgs]
+    edited[-1]["content"] = "Which was the colour?"
+    r3, d3 = ask(c, edited)
+    assert d3["matched_by"] == "fork" and d3["session_id"] != d1["session_id"]
+    shared = d3["diverged_overlap"]
+    # the fork holds the shared history's KV: only the tokens after the edit are computed
+    assert r3.usage.prompt_tokens_details.cached_tokens == shared < r3.usage.prompt_tokens
+    r4, _ = ask(server.client(OTHER_KEY), edited)
+    assert r4.choices[0].message.content == r3.choices[0].message.content
+    # the original keeps its own history and KV
+    msgs += [assistant_message(r2.choices[0].message), {"role": "user", "content": "Thanks."}]
+    r5, d5 = ask(c, msgs)
+    assert d5["session_id"] == d1["session_id"] and d5["matched_by"] == "prefix"
+    assert r5.usage.prompt_tokens_details.cached_tokens >= r2.usage.prompt_tokens + r2.usage.completion_tokens - 1

@@ -81,9 +81,10 @@ class SessionIndex:
         return None
 
     def by_prefix(self, owner: str, model: str, namespace: str | None, prompt: list[int],
-                  system_prefix: int) -> tuple[Conversation | None, int]:
-        """(most recent session the prompt continues, longest partial overlap with any other)."""
-        best, overlap = None, 0
+                  system_prefix: int) -> tuple[Conversation | None, int, Conversation | None]:
+        """(most recent session the prompt continues, the longest partial overlap with any other
+        past the system prompt, and that other session: the one a diverging request forks)."""
+        best, overlap, parent = None, 0, None
         for c in self.by_id.values():
             if c.owner != owner or c.model != model or c.namespace != namespace or c.lock.locked() or not c.tokens:
                 continue
@@ -91,9 +92,9 @@ class SessionIndex:
             if n == len(c.tokens) and n > system_prefix:
                 if best is None or c.last_used > best.last_used:
                     best = c
-            elif n > system_prefix:
-                overlap = max(overlap, n)
-        return best, overlap
+            elif n > system_prefix and n > overlap:
+                overlap, parent = n, c
+        return best, overlap, parent
 
     def check_model(self, c: Conversation, model: str) -> None:
         if c.model != model:

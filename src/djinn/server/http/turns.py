@@ -34,6 +34,10 @@ from djinn.server.http.validate import ChatRequest
 from djinn.server.journal import HTTP_OWNER
 
 log = logging.getLogger("djinn.http")
+# A diverging request forks the conversation it repeats only when they share at least this many
+# tokens past the system prompt (a KV block): every conversation of a key shares the next role
+# header, which is no history worth a fork (whole blocks of it are shared anyway, engine-wide)
+FORK_MIN_SHARED = 16
 _DONE = object()
 
 
@@ -138,13 +142,39 @@ class Frontend:
                 if c is not spare and not c.lock.locked() and (owner is None or c.owner == owner)]
         return sorted(idle, key=lambda c: (c.finish_reason == "tool_calls", c.last_used))
 
-    async def _new_session(self, owner: str, req: ChatRequest) -> Conversation:
+    async def _room_for_one(self, owner: str, spare: Conversation | None = None) -> None:
+        """Close the owner's best idle victims (never ``spare``) until one more session fits."""
         mine = self.index.owned(owner)
         if len(mine) >= self.config.max_sessions_per_key:
-            for victim in self._victims(owner)[: len(mine) - self.config.max_sessions_per_key + 1]:
+            for victim in self._victims(owner, spare)[: len(mine) - self.config.max_sessions_per_key + 1]:
                 await self.close(victim)
+
+    async def _new_session(self, owner: str, req: ChatRequest) -> Conversation:
+        await self._room_for_one(owner)
         sid = await self.call(self.engine.open_session, req.model, owner)
         conv = Conversation(id=sid, owner=owner, model=req.model, namespace=req.namespace)
+        self.index.add(conv)
+        return conv
+
+    async def _fork_session(self, owner: str, req: ChatRequest, parent: Conversation,
+                            overlap: int) -> Conversation | None:
+        """Fork-on-divergence: a request that repeats the start of ``parent``'s conversation and
+        then differs (an edited message, a sub-agent given its parent's history) gets a fork of
+        ``parent`` cut back to the ``overlap`` tokens they share: the shared KV is referenced,
+        not copied or recomputed, and ``parent`` keeps its own history. None when ``parent``
+        became busy or went away meanwhile (the caller opens a new session instead)."""
+        if parent.lock.locked() or self.index.by_id.get(parent.id) is not parent:
+            return None
+        await self._room_for_one(owner, spare=parent)
+        async with parent.lock:
+            try:
+                child = (await self.call(self.engine.fork, parent.id, owner))["session_id"]
+            except DjinnError as exc:            # e.g. no room for the fork's private blocks
+                log.info("fork of %s for a diverging request failed (%s): opening a new session", parent.id, exc)
+                return None
+            await self.call(self.engine.truncate, child, overlap, owner)
+        conv = Conversation(id=child, owner=owner, model=req.model, namespace=req.namespace,
+                            tokens=parent.tokens[:overlap])
         self.index.add(conv)
         return conv
 
@@ -185,11 +215,14 @@ class Frontend:
             raise APIError(400, f"the conversation ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds "
                            f"this model's context of {limit}; lower max_tokens", param="max_tokens",
                            code="context_length_exceeded")
-        overlap = 0
+        overlap, parent = 0, None
         if conv is None:
             system_prefix = await self.call(renderer.system_prefix, req, prompt)
-            conv, overlap = self.index.by_prefix(owner, req.model, req.namespace, prompt, system_prefix)
+            conv, overlap, parent = self.index.by_prefix(owner, req.model, req.namespace, prompt, system_prefix)
             how = "prefix" if conv else None
+        if conv is None and parent is not None and overlap - system_prefix >= FORK_MIN_SHARED:
+            conv = await self._fork_session(owner, req, parent, overlap)
+            how = "fork" if conv else None
         if conv is None:
             conv, how = await self._new_session(owner, req), "new"
         await conv.lock.acquire()
