@@ -210,12 +210,9 @@ def decode_during_copies(engine: Engine, name: str, lm, context: int, new: int) 
     b = _session_with_kv(engine, name, b_tokens, lm.config.vocab_size, seed=2)
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
 
-    def step_times() -> list[float]:
-        return step_times_of(engine, name, b, params)
-
     try:
-        step_times()                                    # warm-up
-        idle = step_times()
+        step_times_of(engine, name, b, params)          # warm-up
+        idle = step_times_of(engine, name, b, params)
         stop = threading.Event()
         moved = []
 
@@ -230,7 +227,7 @@ def decode_during_copies(engine: Engine, name: str, lm, context: int, new: int) 
         th.start()
         time.sleep(0.02)
         t0 = time.perf_counter()
-        busy = step_times()
+        busy = step_times_of(engine, name, b, params)
         wall = time.perf_counter() - t0
         stop.set()
         th.join()
@@ -245,7 +242,7 @@ def decode_during_copies(engine: Engine, name: str, lm, context: int, new: int) 
     out["ratio_p50"] = out["during_copies_step_ms"]["p50"] / out["idle_step_ms"]["p50"]
     out["ratio_mean"] = statistics.mean(busy) / statistics.mean(idle)
     if lm.device.type == "cuda" and nbytes:
-        out["raw_copies"] = raw = _decode_during_raw_copies(engine, name, lm, b_tokens, params, nbytes, step_times_of)
+        out["raw_copies"] = raw = _decode_during_raw_copies(engine, name, lm, b_tokens, params, nbytes)
         out["ratio_vs_raw_p50"] = out["during_copies_step_ms"]["p50"] / raw["during_copies_step_ms"]["p50"]
     return out
 
@@ -262,7 +259,7 @@ def step_times_of(engine: Engine, name: str, sid: str, params: SamplingParams) -
 
 
 def _decode_during_raw_copies(engine: Engine, name: str, lm, b_tokens: int, params: SamplingParams,
-                              nbytes: int, step_times) -> dict:
+                              nbytes: int) -> dict:
     """The physical baseline for part 4: the same decode steps while plain PyTorch copies of the
     same size run back to back both ways between pinned host memory and the device on a side
     stream (no Djinn code at all), waited for with a blocking event. What this costs the decode
@@ -285,12 +282,12 @@ def _decode_during_raw_copies(engine: Engine, name: str, lm, b_tokens: int, para
                 copies[0] += 1
 
     try:
-        step_times(engine, name, b, params)
-        idle = step_times(engine, name, b, params)
+        step_times_of(engine, name, b, params)
+        idle = step_times_of(engine, name, b, params)
         th = threading.Thread(target=pingpong, daemon=True)
         th.start()
         time.sleep(0.02)
-        busy = step_times(engine, name, b, params)
+        busy = step_times_of(engine, name, b, params)
         stop.set()
         th.join()
     finally:

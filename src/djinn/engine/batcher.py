@@ -131,14 +131,19 @@ class Batcher:
         bucket = next((b for b in graphs.buckets if b >= n), None)
         if bucket is None:
             return None
-        if bucket not in graphs.captured:
-            try:
-                graphs.capture((bucket,))
-            except Exception as exc:
-                log.warning("CUDA graph capture of batch %d failed for %s, running eagerly: %s", bucket, rt.name, exc)
-                self._graphs[rt.name] = None
-                return None
+        if bucket not in graphs.captured and not self._capture(rt, graphs, (bucket,)):
+            return None
         return graphs
+
+    def _capture(self, rt, graphs, sizes: tuple[int, ...]) -> bool:
+        """Capture ``sizes``; on failure the model runs eagerly from now on (False)."""
+        try:
+            graphs.capture(sizes)
+            return True
+        except Exception as exc:
+            log.warning("CUDA graph capture of batches %s failed for %s, running eagerly: %s", sizes, rt.name, exc)
+            self._graphs[rt.name] = None
+            return False
 
     @torch.inference_mode()
     def warmup(self, rt) -> None:
@@ -152,13 +157,9 @@ class Batcher:
             return
         t = time.perf_counter()
         sizes = tuple(b for b in graphs.buckets if b <= self.max_batch)
-        try:
-            graphs.capture(sizes)
-        except Exception as exc:
-            log.warning("CUDA graph capture failed for %s, running eagerly: %s", rt.name, exc)
-            self._graphs[rt.name] = None
-            return
-        log.info("captured decode graphs of %s for batches %s in %.1f s", rt.name, sizes, time.perf_counter() - t)
+        if self._capture(rt, graphs, sizes):
+            log.info("captured decode graphs of %s for batches %s in %.1f s", rt.name, sizes,
+                     time.perf_counter() - t)
 
     @torch.inference_mode()
     def step(self) -> None:
