@@ -26,6 +26,9 @@ Invariants, all under ``self.lock``:
   shares device blocks whose content is live, so a common prefix is stored and moved once; an
   indexed block leaves its index when freed or before ``grow`` lets anything write into it.
 
+What happens during an IO_WAIT (keep or park, timed prefetch) is ``engine.wait_plans``, a mixin
+of this class.
+
 Threads: the engine loop (turns, open, close), callers of ``signal`` (``signal_phase`` must return
 at once, so it does not queue behind a running turn on the loop), the pager's copy threads or
 streams, and the host arena's grower. Blocks are freed only when no queued GPU work uses them:
@@ -48,14 +51,13 @@ import torch
 from djinn.config import MemoryConfig
 from djinn.engine import sharing
 from djinn.engine.session import Phase, Session
-from djinn.engine.timers import Timers
+from djinn.engine.wait_plans import WaitPlanning
 from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
 from djinn.memory.blocks import BlockPool
 from djinn.memory.cow import copy_blocks, privatize, shared_in_range
 from djinn.memory.host import HostArena
 from djinn.memory.pager import IN, OUT, Pager, Transfer
-from djinn.memory.policy import (Action, Candidate, CopyRates, KVState, Room, Semantic, WaitHistory, WaitPlan,
-                                 make_policy)
+from djinn.memory.policy import Action, Candidate, KVState, Semantic, WaitHistory, make_policy
 from djinn.memory.prefix import PrefixIndex
 
 
@@ -81,22 +83,7 @@ class _Move:
     cancelled: bool = False      # the session no longer wants the result
 
 
-@dataclass(eq=False)
-class _Wait:
-    """One IO_WAIT of one session: the policy's plan and its timers (``session.wait_plan``).
-    A timer acts only while this object is still the session's plan."""
-
-    since: float                 # the wait's start (``session.phase_since``)
-    plan: WaitPlan
-    kept: bool = False           # the KV is on the device by choice (kept, or prefetched early)
-    timers: list = field(default_factory=list)
-
-    def cancel(self) -> None:
-        for h in self.timers:
-            h.cancel()
-
-
-class Residency:
+class Residency(WaitPlanning):
     def __init__(self, config: MemoryConfig, device: torch.device, prefix_sharing: bool = True):
         self.config = config
         self.prefix_sharing = prefix_sharing
@@ -109,7 +96,7 @@ class Residency:
         self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
         self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0,
                          "forks": 0, "cow_copies": 0}
-        # IO_WAIT decisions (memory.policy.plan_wait), what the wait timers did, and the waits seen
+        # IO_WAIT decisions (engine.wait_plans), what the wait timers did, and the waits seen
         self.clock = time.monotonic
         self.waits = WaitHistory()
         self.decisions: dict = {"io_wait": 0, "keep": 0, "park": 0, "drop": 0, "off": 0, "none": 0,
@@ -117,7 +104,7 @@ class Residency:
                                 "keep_sources": {"session": 0, "server": 0},
                                 "expected_wait_s": {"keep": 0.0, "park": 0.0},
                                 "prefetch": 0, "prefetch_no_room": 0, "late_park": 0, "kept_evicted": 0}
-        self._timers: Timers | None = None
+        self._timers = None                           # engine.timers.Timers, started by the first timed plan
         self._last_pressure: float | None = None     # when a request last had to evict (clock)
 
     # ---- set-up -----------------------------------------------------------------------
@@ -236,81 +223,6 @@ class Residency:
             self._drop(s)
         elif action is Action.PREFETCH:
             self._prefetch(s)
-
-    # ---- IO_WAIT plans: keep or park, prefetch before the return (under the lock) ------
-    def _plan_wait(self, s: Session) -> None:
-        """Ask the policy what to do with ``s``'s KV for its current IO_WAIT, do it, count it
-        (once per wait), and set the plan's timers."""
-        plan = self.policy.plan_wait(self._candidate(s), self._room_now(s.model), self._rates())
-        old = s.wait_plan
-        if old is not None:
-            old.cancel()
-        w = _Wait(s.phase_since, plan, kept=plan.action is Action.KEEP)
-        s.wait_plan = w
-        if old is None or old.since != s.phase_since:      # a new wait (not the same one planned again)
-            self._count_decision(plan)
-        if plan.action is Action.PARK:
-            self._park(s, allow_drop=False)
-        elif plan.action is Action.DROP:
-            self._drop(s)
-        for kind, at in (("prefetch", plan.prefetch_at_s), ("recheck", plan.recheck_at_s)):
-            if at is not None:
-                if self._timers is None:
-                    self._timers = Timers(clock=self.clock, name="djinn-wait-timers")
-                w.timers.append(self._timers.at(w.since + at, lambda kind=kind: self._wait_timer(s, w, kind)))
-
-    def _wait_timer(self, s: Session, w: _Wait, kind: str) -> None:
-        """A wait plan's timer (timer thread): prefetch ahead of the expected return (only into
-        free room: a prediction never evicts anyone), or park a wait that overran its estimate."""
-        with self.lock:
-            tier = self.tiers.get(s.model)
-            if s.wait_plan is not w or s.busy or s.phase is not Phase.IO_WAIT or tier is None \
-                    or tier.sessions.get(s.id) is not s:
-                return
-            self._reap()
-            action = self.policy.on_wait_timer(self._candidate(s), kind, self._room_now(s.model))
-            if action is Action.PREFETCH:
-                if s.kv_state is KVState.PARKING:
-                    self._cancel(s)                  # the device copy is intact: keep it
-                else:
-                    self._start_restore(s)
-                w.kept = True
-                self.decisions["prefetch"] += 1
-            elif kind == "prefetch" and s.kv_state in (KVState.PARKING, KVState.PARKED):
-                self.decisions["prefetch_no_room"] += 1   # no free room, or the memory is needed
-            elif action is Action.PARK:
-                w.kept = False
-                self._park(s, allow_drop=False)
-                self.decisions["late_park"] += 1
-
-    def _room_now(self, model: str) -> Room:
-        tier = self.tiers[model]
-        wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == model and x.prefetch_wanted)
-        return Room(free_blocks=tier.pool.free_count, wanted_blocks=wanted,
-                    pressure_age_s=None if self._last_pressure is None else self.clock() - self._last_pressure)
-
-    def _count_decision(self, plan: WaitPlan) -> None:
-        d = self.decisions
-        d["io_wait"] += 1
-        d[plan.outcome] += 1
-        d["reasons"][plan.reason] = d["reasons"].get(plan.reason, 0) + 1
-        d["sources"][plan.source or "none"] += 1
-        if plan.action is Action.KEEP:
-            d["keep_sources"][plan.source] += 1
-        if plan.expected_s is not None and plan.outcome in d["expected_wait_s"]:
-            d["expected_wait_s"][plan.outcome] += plan.expected_s
-
-    def _note_evicted(self, s: Session) -> None:
-        """Pressure wins over a keep: count a kept session evicted for room."""
-        if s.wait_plan is not None and s.wait_plan.kept:
-            s.wait_plan.kept = False
-            self.decisions["kept_evicted"] += 1
-
-    def _rates(self) -> CopyRates:
-        """Copy bandwidth as measured so far, else the configured default."""
-        copies = self.pager.stats()
-        default = self.config.copy_gbps
-        return CopyRates(out_gbps=copies[OUT]["gbps"] or default, in_gbps=copies[IN]["gbps"] or default)
 
     # ---- turns (engine loop) ----------------------------------------------------------
     def begin_turn(self, s: Session, tokens: int, activate: bool = True) -> dict:
