@@ -88,6 +88,8 @@ class EngineConfig:
     warmup: bool = True                # on CUDA, capture every decode-graph bucket when a model loads,
                                        # so the first requests do not pay for it
     prefix_sharing: bool = True        # store identical full KV blocks of one owner once (memory/prefix.py)
+    room_wait_s: float = 30.0          # a turn whose KV room is held by running turns waits this long
+                                       # for them to end before failing with CapacityError
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

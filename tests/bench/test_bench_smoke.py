@@ -70,11 +70,11 @@ def test_agents_json_says_what_the_policy_did_with_each_io_wait(out_dir):
         # every IO_WAIT the agents signalled was decided once (each agent waits between its turns)
         assert c["io_waits"] == r["n"] * (turns - 1)
         if r["policy"] == "semantic":
-            assert c["kept"] + c["parked"] + c["off_device"] == c["io_waits"] and c["ignored"] == 0
+            assert c["kept"] + c["standby"] + c["parked"] + c["off_device"] == c["io_waits"] and c["ignored"] == 0
             assert sum(c["reasons"].values()) == c["io_waits"]
-            assert c["kept_share"] + c["parked_share"] == pytest.approx(1.0)
+            assert c["kept_share"] + c["standby_share"] + c["parked_share"] == pytest.approx(1.0)
         else:   # resident ignores the signal: nothing kept or parked by choice
-            assert c["ignored"] == c["io_waits"] and c["kept"] == c["parked"] == 0
+            assert c["ignored"] == c["io_waits"] and c["kept"] == c["standby"] == c["parked"] == 0
     rows = rec["results"]["tool_classes"]
     assert {(x["policy"], x["tool"], x["n"]) for x in rows} == {(p, t, 2) for p in ("semantic", "resident")
                                                                for t in ("fixed:0.01", "fixed:0.05")}

@@ -315,7 +315,7 @@ def test_a_fork_of_a_parked_session_is_parked_and_shares_the_host_blocks():
 
 
 def _parked_fork(lm):
-    eng = make_engine(lm, blocks=64, host_blocks=64, policy="semantic")
+    eng = make_engine(lm, blocks=64, host_blocks=64, policy="semantic-park")   # IO_WAIT parks
     pool, arena = eng.runtimes["m"].pool, eng.residency.tiers["m"].arena
     try:
         parent = eng.open_session("m")

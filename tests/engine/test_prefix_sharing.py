@@ -40,14 +40,14 @@ def greedy(n: int = N) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
-def make_engine(lm, sharing: bool = True, blocks: int = 48, host: int = 1200, policy: str = "semantic") -> Engine:
+def make_engine(lm, sharing: bool = True, blocks: int = 48, host: int = 1200, policy: str = "semantic-park") -> Engine:
     return Engine({"m": lm}, EngineConfig(prefix_sharing=sharing,
                                           memory=MemoryConfig(kv_blocks=blocks, host_blocks=host, policy=policy)))
 
 
 def run_agents(eng: Engine, lm, turns: int = 2, park: bool = True, check=None) -> tuple[dict, list[str]]:
     """Every session: the system prompt and its own suffix, then (turn 2) another suffix; between
-    turns it signals IO_WAIT (its KV is parked). Turns run in waves of WAVE concurrent ones."""
+    turns it signals IO_WAIT (its KV is parked: semantic-park). Turns run in waves of WAVE concurrent ones."""
     sys_ids = system_prompt(lm)
     sids = [eng.open_session("m") for _ in range(SESSIONS)]
     out: dict[tuple[int, int], list[int]] = {}
@@ -236,7 +236,7 @@ def test_a_restore_reshares_blocks_live_on_the_device_and_a_rebuild_skips_them(t
 
 def restore_and_rebuild_reshare(lm) -> None:
     ids = system_prompt(lm) + [21, 22, 23]
-    for policy in ("semantic", "recompute"):
+    for policy in ("semantic-park", "recompute"):
         eng = make_engine(lm, blocks=256, policy=policy)
         pool = eng.runtimes["m"].pool
         try:
@@ -245,25 +245,25 @@ def restore_and_rebuild_reshare(lm) -> None:
             eng.generate(b, GenerateRequest(ids, greedy()))
             eng.generate(c, GenerateRequest(ids + [24], greedy()))
             out = eng.stats()["bytes_moved"]["out"]
-            eng.signal_phase(b, "IO_WAIT")              # semantic: parked; recompute: dropped
+            eng.signal_phase(b, "IO_WAIT")              # semantic-park: parked; recompute: dropped
             eng.residency.wait_idle(timeout=30)
-            if policy == "semantic":
+            if policy == "semantic-park":
                 assert eng.stats()["bytes_moved"]["out"] - out == 4 * pool.shape.block_bytes
                 eng.signal_phase(c, "IO_WAIT")           # its copy of the prefix is already on the host
                 eng.residency.wait_idle(timeout=30)
                 assert eng.stats()["bytes_moved"]["out"] - out == 5 * pool.shape.block_bytes
                 arena = eng.residency.tiers["m"].arena
                 assert arena.used_bytes == 5 * arena.shape.block_bytes
-            assert eng.session_info(b)["kv_location"] == ("host" if policy == "semantic" else "dropped")
+            assert eng.session_info(b)["kv_location"] == ("host" if policy == "semantic-park" else "dropped")
             moved = eng.stats()["bytes_moved"]["in"]
-            if policy == "semantic":   # its restore asks room only for what it must copy
+            if policy == "semantic-park":   # its restore asks room only for what it must copy
                 with eng.residency.lock:
                     assert eng.residency._restore_need(eng.sessions[b]) == 1
             r = eng.generate(b, GenerateRequest([30, 31], greedy()))
             oracle = hf_greedy(lm.model, ids + ra.token_ids + [30, 31], N)
             assert r.token_ids == oracle
             assert eng.sessions[b].block_table[:3] == eng.sessions[a].block_table[:3]
-            if policy == "semantic":   # only the private block came back from the host
+            if policy == "semantic-park":   # only the private block came back from the host
                 assert eng.stats()["bytes_moved"]["in"] - moved == pool.shape.block_bytes
             else:                      # the rebuild computed only the private tail
                 cached_before = len(ids) + N - 1

@@ -22,7 +22,7 @@ SHAPE = KVShape(num_layers=2, kv_heads=1, head_dim=4, block_size=4, dtype=torch.
 
 
 class Rig:
-    def __init__(self, policy: str = "semantic", device_blocks: int = 12, host_blocks: int = 24):
+    def __init__(self, policy: str = "semantic-park", device_blocks: int = 12, host_blocks: int = 24):
         # the rig writes made-up KV that is no function of the tokens: prefix sharing would be wrong here
         self.res = Residency(MemoryConfig(policy=policy), torch.device("cpu"), prefix_sharing=False)
         self.pool = BlockPool(SHAPE, device_blocks + 1, torch.device("cpu"))

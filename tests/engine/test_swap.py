@@ -210,7 +210,7 @@ def test_decode_steps_continue_while_a_large_kv_is_parked(tiny_llama):
 
 
 def test_timings_split_and_stats_show_where_kv_lives(tiny_llama):
-    eng = engine(tiny_llama)
+    eng = engine(tiny_llama, policy="semantic-park")
     try:
         sid = eng.open_session("m")
         assert eng.session_info(sid)["kv_location"] == "none"
@@ -222,7 +222,7 @@ def test_timings_split_and_stats_show_where_kv_lives(tiny_llama):
         stats = eng.stats()
         assert stats["memory"]["kv_parked"] == 3 * eng.runtimes["m"].kv.block_bytes
         assert stats["memory"]["kv_device"] == 0 and stats["sessions_by_kv_location"] == {"host": 1}
-        assert stats["sessions_by_phase"] == {"IO_WAIT": 1} and stats["policy"] == "semantic"
+        assert stats["sessions_by_phase"] == {"IO_WAIT": 1} and stats["policy"] == "semantic-park"
         out = eng.generate(sid, GenerateRequest([3], greedy(2)))
         for key in ("queue_ms", "restore_ms", "make_room_ms", "compute_ms", "total_ms"):
             assert out.timings[key] >= 0

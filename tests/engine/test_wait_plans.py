@@ -15,7 +15,8 @@ from djinn.memory.policy import KVState
 from tests.engine.test_residency import Rig
 
 # the rig's sessions are tiny: a park or a restore costs the fixed 1 ms, so the break-even of a
-# wait is ~0.05 s (the prefetch margin): 0.02 s waits are kept, 1 s waits parked
+# wait is ~0.05 s (the prefetch margin): 0.02 s waits are kept, 1 s waits are standby (on the
+# device as the first to go), parked when the free blocks fall below the reserve (10% of the pool)
 
 
 class Clock:
@@ -47,54 +48,70 @@ def with_history(r: Rig, tokens: int, wait_s: float):
     return s
 
 
-def test_short_waits_keep_the_kv_on_the_device_and_long_ones_park_and_come_back_early():
+def test_with_room_to_spare_short_waits_keep_the_kv_and_long_ones_stay_as_the_first_to_go():
     r, clock = rig()
     short, long = with_history(r, 8, 0.02), with_history(r, 8, 1.0)
     r.res.signal(short, Phase.IO_WAIT)
     r.res.signal(long, Phase.IO_WAIT)
     r.res.wait_idle()
-    assert r.res.location(short) == "device" and r.res.location(long) == "host"
+    assert r.res.location(short) == "device" and r.res.location(long) == "device"
     d = r.res.stats()["decisions"]
-    assert (d["io_wait"], d["keep"], d["park"], d["reasons"]) == (2, 1, 1, {"short": 1, "long": 1})
-    assert d["expected_wait_s"] == {"keep": 0.02, "park": 1.0} and d["sources"]["session"] == 2
-    advance(r, clock, 0.02)
-    r.res.signal(short, Phase.ACTIVE)
-    assert r.turn(short, 12)["kv_from"] == "device"
-    advance(r, clock, 0.5)
-    assert r.res.location(long) == "host"             # not yet: the restore takes ~1 ms, it starts ~0.95 s in
-    advance(r, clock, 0.45)
-    assert r.res.location(long) == "device" and long.phase is Phase.IO_WAIT   # back before the agent
-    assert r.res.stats()["decisions"]["prefetch"] == 1
-    advance(r, clock, 0.05)
-    r.res.signal(long, Phase.ACTIVE)
-    assert r.turn(long, 12)["kv_from"] == "device"
+    assert (d["io_wait"], d["keep"], d["standby"], d["park"], d["reasons"]) == (2, 1, 1, 0, {"short": 1, "long": 1})
+    assert d["expected_wait_s"] == {"keep": 0.02, "standby": 1.0, "park": 0.0} and d["sources"]["session"] == 2
+    for s, dt in ((short, 0.02), (long, 0.98)):
+        advance(r, clock, dt)
+        r.res.signal(s, Phase.ACTIVE)
+        assert r.turn(s, 12)["kv_from"] == "device"
+    d = r.res.stats()
+    assert d["swaps"]["out"] == 0 and d["decisions"]["reclaimed"] == 0   # nothing needed the memory: nothing moved
     r.invariants([short, long])
 
+def test_below_the_reserve_standby_sessions_park_expected_back_last_first_and_come_back_early():
+    r, clock = rig(device_blocks=20)                   # reserve: 2 blocks
+    soon, late = with_history(r, 8, 1.0), with_history(r, 8, 3.0)      # 2 blocks each
+    r.res.signal(late, Phase.IO_WAIT)
+    r.res.signal(soon, Phase.IO_WAIT)
+    filler = r.open()
+    r.turn(filler, 60)                                 # 15 blocks: 1 left free, below the reserve
+    r.res.wait_idle()
+    # only as much as the reserve needs, and the one expected back last (not the least recently used)
+    assert r.res.location(late) == "host" and r.res.location(soon) == "device"
+    assert r.res.stats()["decisions"]["reclaimed"] == 1
+    advance(r, clock, 1.0)
+    r.res.signal(soon, Phase.ACTIVE)
+    assert r.turn(soon, 8)["kv_from"] == "device"
+    advance(r, clock, 1.9)
+    assert r.res.location(late) == "host"              # its restore starts ~0.05 s before 3 s
+    advance(r, clock, 0.06)
+    assert r.res.location(late) == "device" and late.phase is Phase.IO_WAIT
+    advance(r, clock, 0.04)
+    r.res.signal(late, Phase.ACTIVE)
+    assert r.turn(late, 8)["kv_from"] == "device"
+    r.invariants([soon, late, filler])
 
-def test_a_keep_never_blocks_an_admission_and_pressure_then_parks_short_waits():
-    r, clock = rig(device_blocks=8)
+
+def test_a_keep_never_blocks_an_admission_and_a_short_wait_parks_when_the_memory_is_needed():
+    r, clock = rig(device_blocks=10)                   # reserve: 1 block
     kept = with_history(r, 16, 0.02)                   # 4 blocks
     r.res.signal(kept, Phase.IO_WAIT)
     assert r.res.location(kept) == "device"
     other = r.open()
-    r.turn(other, 32)                                  # needs all 8 blocks: the kept session must go
+    r.turn(other, 32)                                  # 8 blocks: the kept session must go
     r.res.wait_idle()
     assert r.res.location(kept) == "host" and r.res.location(other) == "device"
-    d = r.res.stats()["decisions"]
-    assert d["kept_evicted"] == 1
-    # the memory was needed a moment ago: the next short wait is parked, not kept
-    r.turn(other, 16)
-    later = with_history(r, 8, 0.02)
+    assert r.res.stats()["decisions"]["kept_evicted"] == 1
+    later = with_history(r, 8, 0.02)                   # the last 2 blocks: none left for the reserve
     r.res.signal(later, Phase.IO_WAIT)
     assert r.res.stats()["decisions"]["reasons"].get("memory_needed") == 1
-    advance(r, clock, 5.0)                             # long after the pressure, short waits keep again
+    r.res.wait_idle()
+    assert r.res.location(later) == "host"
+    r.res.release(other)                               # room again: short waits keep again
     r.res.signal(later, Phase.ACTIVE)
     r.turn(later, 8)
-    later.wait_ema, later.wait_dev = 0.02, 0.0         # (this one wait took 5 s: forget it)
+    later.wait_ema, later.wait_dev = 0.02, 0.0
     r.res.signal(later, Phase.IO_WAIT)
     assert r.res.location(later) == "device"
-    r.invariants([kept, other, later])
-
+    r.invariants([kept, later])
 
 def test_a_kept_wait_that_overruns_its_estimate_is_parked_late():
     r, clock = rig()
@@ -109,12 +126,13 @@ def test_a_kept_wait_that_overruns_its_estimate_is_parked_late():
     assert s.wait_ema > 0.02
 
 
-def test_a_session_with_no_history_uses_the_server_wide_estimate_else_parks():
+def test_a_session_with_no_history_uses_the_server_wide_estimate_else_stands_by():
     r, clock = rig()
     first = r.open()
     r.turn(first, 8)
     r.res.signal(first, Phase.IO_WAIT)
-    assert r.res.location(first) in ("moving", "host")   # nothing known: park
+    assert r.res.location(first) == "device"             # nothing known, room to spare: the first to go
+    assert r.res.stats()["decisions"]["standby"] == 1
     for s in [first] + [with_history(r, 4, 0.5) for _ in range(2)]:
         if s is not first:
             r.res.signal(s, Phase.IO_WAIT)
@@ -161,13 +179,16 @@ def test_timers_of_a_closed_or_returned_session_do_nothing():
 
 
 def test_the_timer_thread_prefetches_before_the_agent_returns():
-    """The real clock and timer thread: a 0.3 s tool's KV is parked, then back on the device
-    before the client signals ACTIVE."""
-    r = Rig("semantic")
+    """The real clock and timer thread: a 0.3 s tool's KV is parked (the memory is needed),
+    then back on the device before the client signals ACTIVE."""
+    r = Rig("semantic", device_blocks=10)
     s = with_history(r, 8, 0.3)
+    filler = r.open()
+    r.turn(filler, 32)                                 # the pool is full
     r.res.signal(s, Phase.IO_WAIT)
     r.res.wait_idle()
     assert r.res.location(s) == "host"
+    r.res.release(filler)                              # room again, for the prefetch
     deadline = time.monotonic() + 5.0
     while r.res.location(s) != "device" and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from djinn.errors import InvalidRequest
-from djinn.memory.policy import Action, Candidate, KVState, make_policy
+from djinn.memory.policy import (Action, Candidate, CopyRates, KVState, Room, WaitEstimate, WaitHistory,
+                                 make_policy)
 
 
 def cand(id: str, phase: str = "ACTIVE", blocks: int = 4, idle_since: float = 0.0, state: KVState = KVState.DEVICE,
@@ -67,7 +68,23 @@ def test_semantic_a_person_waiting_is_a_better_victim_than_a_short_tool_call():
              cand("human", "ACTIVE", idle_since=2.0),                  # finished turn, nobody signalled
              cand("long-tool", "IO_WAIT", idle_since=3.0, back=30.0),
              cand("overdue-tool", "IO_WAIT", idle_since=4.0, back=-5.0)]
-    assert ids(p.victims(cands, need=16, host_free=100)) == ["long-tool", "overdue-tool", "human", "short-tool"]
+    # away first, expected back last first (far overdue: nothing says it is coming back)
+    assert ids(p.victims(cands, need=16, host_free=100)) == ["overdue-tool", "long-tool", "human", "short-tool"]
+
+
+def test_semantic_evicts_the_session_expected_back_last_not_the_least_recently_used():
+    p = make_policy("semantic")
+    est = WaitEstimate(15.0, 2.0, "session")
+    back_soon = cand("waited-12s", "IO_WAIT", idle_since=1.0, back=3.0)      # 12 s into a ~15 s wait
+    just_left = cand("waited-1s", "IO_WAIT", idle_since=12.0, back=14.0)
+    a_bit_late = cand("waited-16s", "IO_WAIT", idle_since=0.0, back=-1.0)   # within its spread: back soon
+    way_late = cand("waited-40s", "IO_WAIT", idle_since=5.0, back=-25.0)    # far past it: unknown
+    for c, waited in ((back_soon, 12.0), (just_left, 1.0), (a_bit_late, 16.0), (way_late, 40.0)):
+        c.wait, c.waited_s = est, waited
+    order = ids(p.victims([back_soon, just_left, a_bit_late, way_late], need=16, host_free=100))
+    assert order == ["waited-40s", "waited-1s", "waited-12s", "waited-16s"]
+    assert ids(make_policy("lru").victims([back_soon, just_left, a_bit_late, way_late], need=16,
+                                          host_free=100))[0] == "waited-16s"   # LRU: the one about to return
 
 
 def test_lru_orders_by_last_use_only():
@@ -119,7 +136,6 @@ def test_a_paused_session_is_parked_but_never_dropped():
 # ---- semantic: weighing each IO_WAIT by its expected length (plan_wait) ------------------
 
 from djinn.engine.timers import Timers  # noqa: E402
-from djinn.memory.policy import CopyRates, Room, WaitEstimate, WaitHistory  # noqa: E402
 
 GB = 10 ** 9
 RATES = CopyRates(out_gbps=10.0, in_gbps=10.0, overhead_s=0.0)   # 1 GB moves in 0.1 s each way
@@ -135,43 +151,51 @@ def waiting(mean: float | None, dev: float = 0.0, nbytes: int = GB, waited: floa
                      waited_s=waited, wait=est)
 
 
-def test_a_wait_shorter_than_park_plus_restore_keeps_the_kv_and_a_longer_one_parks():
+def test_a_wait_shorter_than_park_plus_restore_keeps_the_kv_and_a_longer_one_stands_by():
     p = make_policy("semantic")
     # 1 GB: park 0.1 s + restore 0.1 s + margin 0.05 s = 0.25 s break-even
     short = p.plan_wait(waiting(0.2), CALM, RATES)
     assert short.action is Action.KEEP and short.reason == "short" and short.expected_s == 0.2
     assert short.prefetch_at_s is None and short.recheck_at_s == pytest.approx(0.2 + 0.25)   # overrun: park then
     long = p.plan_wait(waiting(10.0, dev=1.0), CALM, RATES)
-    assert long.action is Action.PARK and long.reason == "long"
+    assert long.action is Action.STANDBY and long.reason == "long" and long.outcome == "standby"
+    assert long.recheck_at_s is None
+    # if it is parked for the reserve meanwhile, the restore starts one deviation, the restore time
+    # and the margin before the expected return
     # the restore starts one deviation, the restore time and the margin before the expected return
     assert long.prefetch_at_s == pytest.approx(10.0 - 1.0 - 0.1 - 0.05)
-    assert long.recheck_at_s == pytest.approx(10.0 + 4.0 + 0.25)
 
 
 def test_the_break_even_grows_with_the_bytes_and_shrinks_with_the_bandwidth():
     p = make_policy("semantic")
-    assert p.plan_wait(waiting(0.5, nbytes=GB), CALM, RATES).action is Action.PARK          # 0.25 s to break even
+    assert p.plan_wait(waiting(0.5, nbytes=GB), CALM, RATES).action is Action.STANDBY       # 0.25 s to break even
     assert p.plan_wait(waiting(0.5, nbytes=4 * GB), CALM, RATES).action is Action.KEEP      # 1 s to break even
     fast = CopyRates(out_gbps=50.0, in_gbps=50.0, overhead_s=0.0)
-    assert p.plan_wait(waiting(0.5, nbytes=4 * GB), CALM, fast).action is Action.PARK       # 0.37 s
+    assert p.plan_wait(waiting(0.5, nbytes=4 * GB), CALM, fast).action is Action.STANDBY    # 0.37 s
     # a tiny session: the fixed cost of a move and the margin still make a very short wait a keep
     assert p.plan_wait(waiting(0.01, nbytes=1024), CALM, CopyRates(10.0, 10.0)).action is Action.KEEP
 
 
-def test_memory_pressure_wins_over_a_keep():
+def test_memory_pressure_wins_over_a_keep_and_a_standby():
     p = make_policy("semantic")
-    recent = Room(free_blocks=0, pressure_age_s=0.5)           # a request had to evict half a second ago
-    assert p.plan_wait(waiting(0.2), recent, RATES).reason == "memory_needed"
-    wanted = Room(free_blocks=0, wanted_blocks=3)             # a prefetch waits for room
-    plan = p.plan_wait(waiting(0.2), wanted, RATES)
-    assert plan.action is Action.PARK and plan.prefetch_at_s == pytest.approx(0.1)   # not before the park ends
-    assert p.plan_wait(waiting(0.2), Room(free_blocks=0, pressure_age_s=5.0), RATES).action is Action.KEEP
+    low = Room(free_blocks=3, reserve_blocks=10)               # below the reserve, nobody else to park
+    plan = p.plan_wait(waiting(0.2), low, RATES)
+    assert (plan.action, plan.reason) == (Action.PARK, "memory_needed")
+    assert plan.prefetch_at_s == pytest.approx(0.1)           # not before the park ends
+    assert p.plan_wait(waiting(10.0), low, RATES).action is Action.PARK
+    assert p.plan_wait(waiting(None), low, RATES).action is Action.PARK
+    wanted = Room(free_blocks=50, wanted_blocks=3)            # a prefetch waits for room
+    assert p.plan_wait(waiting(0.2), wanted, RATES).reason == "memory_needed"
+    # below the reserve, but parking others that are away for long makes it up: those go instead
+    covered = Room(free_blocks=3, reserve_blocks=10, standby_blocks=8)
+    assert p.plan_wait(waiting(0.2), covered, RATES).action is Action.KEEP
+    assert p.plan_wait(waiting(10.0), covered, RATES).action is Action.STANDBY
 
 
-def test_nothing_known_about_the_wait_parks_without_timers():
+def test_nothing_known_about_the_wait_stands_by_without_timers():
     plan = make_policy("semantic").plan_wait(waiting(None), CALM, RATES)
     assert (plan.action, plan.reason, plan.expected_s, plan.prefetch_at_s, plan.recheck_at_s) == \
-        (Action.PARK, "no_estimate", None, None, None)
+        (Action.STANDBY, "no_estimate", None, None, None)
 
 
 def test_kv_already_off_the_device_is_only_prefetched():
@@ -202,14 +226,14 @@ def test_wait_timers_prefetch_parked_kv_and_park_kv_that_overstayed():
     for state in (KVState.PARKED, KVState.PARKING):
         assert p.on_wait_timer(waiting(10.0, state=state), "prefetch", CALM) is Action.PREFETCH
         # a prediction never takes room a request may be waiting for
-        assert p.on_wait_timer(waiting(10.0, state=state), "prefetch", Room(100, pressure_age_s=0.1)) is Action.NONE
+        assert p.on_wait_timer(waiting(10.0, state=state), "prefetch", Room(100, wanted_blocks=4)) is Action.NONE
     parked = waiting(10.0, state=KVState.PARKED)
     parked.host_blocks = 6
     assert p.on_wait_timer(parked, "prefetch", Room(free_blocks=5)) is Action.NONE     # only into free room
     assert p.on_wait_timer(parked, "prefetch", Room(free_blocks=6)) is Action.PREFETCH
     assert p.on_wait_timer(waiting(10.0), "prefetch", CALM) is Action.NONE             # already on the device
     assert p.on_wait_timer(waiting(0.2), "recheck", CALM) is Action.PARK
-    assert p.on_wait_timer(waiting(0.2), "recheck", Room(0, pressure_age_s=0.1)) is Action.PARK
+    assert p.on_wait_timer(waiting(0.2), "recheck", Room(0, reserve_blocks=5)) is Action.PARK
     assert p.on_wait_timer(waiting(0.2, state=KVState.RESTORING), "recheck", CALM) is Action.PARK
     assert p.on_wait_timer(waiting(0.2, state=KVState.PARKED), "recheck", CALM) is Action.NONE
     back = cand("a", "ACTIVE")
@@ -218,6 +242,7 @@ def test_wait_timers_prefetch_parked_kv_and_park_kv_that_overstayed():
 
 
 def test_kept_sessions_are_the_last_victims_but_still_victims():
+    # (a kept wait far past its estimate is no longer expected back soon: it goes first)
     p = make_policy("semantic")
     kept = cand("kept", "IO_WAIT", idle_since=1.0, back=5.0)
     kept.kept = True                                                  # kept by choice, though not due within 1 s
@@ -247,19 +272,21 @@ def test_wait_history_own_mean_then_server_median_then_nothing():
 
 def test_an_agent_loop_on_a_fake_clock_keeps_short_tools_and_prefetches_long_ones():
     """Drive the policy the way engine.residency does, on a fake clock with Timers run by hand:
-    an agent with 0.1 s tools keeps its KV after its first wait; one with 10 s tools parks and its
-    restore is started before it comes back."""
+    an agent with 0.1 s tools keeps its KV after its first wait; one with 10 s tools leaves it on
+    a device with room to spare (standby), and on a full one parks it and starts its restore
+    before it comes back."""
     now = [0.0]
     timers = Timers(clock=lambda: now[0], thread=False)
     p, history = make_policy("semantic"), WaitHistory()
-    for tool, expect in ((0.1, Action.KEEP), (10.0, Action.PARK)):
+    full = Room(free_blocks=0, reserve_blocks=10)
+    for tool, room, expect in ((0.1, CALM, Action.KEEP), (10.0, CALM, Action.STANDBY), (10.0, full, Action.PARK)):
         mean = dev = None
         for turn in range(4):
             start = now[0]
             state = {"kv": KVState.DEVICE, "restored_at": None}
             est = history.estimate(mean, dev)
             c = waiting(None if est is None else est.mean_s, 0.0 if est is None else est.dev_s)
-            plan = p.plan_wait(c, CALM, RATES)
+            plan = p.plan_wait(c, room, RATES)
             if plan.action is Action.PARK:
                 state["kv"] = KVState.PARKED
 
@@ -277,7 +304,8 @@ def test_an_agent_loop_on_a_fake_clock_keeps_short_tools_and_prefetches_long_one
                 h.cancel()
             mean, dev = history.update(mean, dev, tool)
             if turn == 0:
-                assert plan.reason == "no_estimate" and plan.action is Action.PARK
+                assert plan.reason == "no_estimate"
+                assert plan.action is (Action.STANDBY if room is CALM else Action.PARK)
                 continue
             assert plan.action is expect, (tool, turn, plan)
             if expect is Action.PARK:

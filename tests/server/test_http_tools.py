@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -34,15 +33,9 @@ def test_tool_loop_keeps_the_session_across_the_tool_call(server):
     info = server.session(sid)
     assert info["phase"] == "IO_WAIT"
     assert info["pending_tool_calls"] == [call.id]
-    stats_memory = server.get("/metrics").text
-    # KV parked in host memory under --policy semantic arrives with the memory module: once the
-    # engine has a host tier, an IO_WAIT session's KV must be there.
-    if 'djinn_kv_capacity_bytes{tier="host"} 0.0' not in stats_memory:
-        deadline = time.monotonic() + 10
-        while info["kv_location"] == "moving" and time.monotonic() < deadline:   # the park is asynchronous
-            time.sleep(0.01)
-            info = server.session(sid)
-        assert info["kv_location"] == "host"
+    # --policy semantic, nothing known yet about this session's tool time and the device pool far
+    # from full: its KV stays on the device as the first to go (standby), and nothing is copied
+    assert info["kv_location"] == "device"
 
     msgs2 = msgs + [assistant_message(choice.message),
                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'}]

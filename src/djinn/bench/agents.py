@@ -295,13 +295,14 @@ def _print_classes(rows: list[dict]) -> None:
         return "-" if x is None else f"{x:.0%}"
 
     for x in rows:
-        if not (x["kept"] or x["parked"] or x["off_device"]):
+        if not (x["kept"] or x.get("standby") or x["parked"] or x["off_device"]):
             continue    # a policy that ignores IO_WAIT (lru, resident) or drops (recompute)
-        why = ", ".join(f"{k} {v}" for k, v in sorted(x["reasons"].items()) if k != "short")   # short: kept
+        why = ", ".join(f"{k} {v}" for k, v in sorted(x["reasons"].items()) if k not in ("short", "long"))
         print(f"{x['policy']} tool {x['tool']} (as run {x['tool_as_run_s']:.3g} s) N={x['n']}: "
               f"{x['io_waits']} IO_WAITs, kept {x['kept']} ({pct(x['kept_share'])}; "
-              f"{pct(x['kept_share_estimated'])} of those with an estimate), parked {x['parked'] + x['off_device']} "
-              f"({why}); prefetches {x['prefetches']}, late parks {x['late_parks']}, "
+              f"{pct(x['kept_share_estimated'])} of those with an estimate), standby {x.get('standby', 0)} "
+              f"(of which parked later for the reserve {x.get('reclaimed', 0)}), parked at once "
+              f"{x['parked'] + x['off_device']} ({why}); prefetches {x['prefetches']}, late parks {x['late_parks']}, "
               f"kept then evicted {x['kept_evicted']}; estimates from {x['sources']}")
 
 

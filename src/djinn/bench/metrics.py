@@ -288,28 +288,33 @@ def crossings(xs: list[float], a: list[float | None], b: list[float | None]) -> 
 def wait_choices(decisions: dict | None) -> dict[str, Any] | None:
     """What the policy did with the IO_WAITs of one run, from the server's ``decisions``
     counters (their change over the run): how many waits kept their KV on the device, how many
-    were parked and why, the mean expected wait it used for each, and what its timers did.
-    None when the server does not report IO_WAIT decisions."""
+    left it there as the first to go (standby) and how many of those were parked later for the
+    reserve, how many were parked at once and why, the mean expected wait it used for each, and
+    what its timers did. None when the server does not report IO_WAIT decisions."""
     if not isinstance(decisions, dict) or "keep" not in decisions or "io_wait" not in decisions:
         return None
     kept, parked, off = decisions.get("keep", 0), decisions.get("park", 0), decisions.get("off", 0)
-    decided = kept + parked + off
+    standby = decisions.get("standby", 0)
+    decided = kept + standby + parked + off
     reasons = {k: v for k, v in (decisions.get("reasons") or {}).items() if v}
     no_estimate = reasons.get("no_estimate", 0)
     sums = decisions.get("expected_wait_s") or {}
     return {
-        "io_waits": decisions.get("io_wait", 0), "kept": kept, "parked": parked, "off_device": off,
+        "io_waits": decisions.get("io_wait", 0), "kept": kept, "standby": standby, "parked": parked,
+        "off_device": off, "reclaimed": decisions.get("reclaimed", 0),
         "dropped": decisions.get("drop", 0), "ignored": decisions.get("none", 0),
         "kept_share": kept / decided if decided else None,
+        "standby_share": standby / decided if decided else None,
         "parked_share": (parked + off) / decided if decided else None,
         # among waits with an estimate: the first wait of a new session with no server-wide
-        # estimate yet is always parked, whatever the tool
+        # estimate yet is never kept, whatever the tool
         "kept_share_estimated": kept / (decided - no_estimate) if decided - no_estimate > 0 else None,
         "reasons": reasons, "sources": {k: v for k, v in (decisions.get("sources") or {}).items() if v},
         # kept on the session's own history vs on the server-wide estimate (a session's first wait)
         "kept_by_source": dict(decisions.get("keep_sources") or {}),
         "mean_expected_wait_s": {k: (sums.get(k, 0.0) / n if n else None)
-                                 for k, n in (("keep", kept), ("park", parked - no_estimate))},
+                                 for k, n in (("keep", kept), ("standby", standby),
+                                              ("park", parked - reasons.get("no_estimate", 0)))},
         "prefetches": decisions.get("prefetch", 0), "prefetch_no_room": decisions.get("prefetch_no_room", 0),
         "late_parks": decisions.get("late_park", 0), "kept_evicted": decisions.get("kept_evicted", 0),
     }

@@ -174,11 +174,11 @@ def memory(preset: str, slot: dict, out: Path, policy: str, n: int | None) -> li
 KEEP_PARK = (  # (label, colour, how many of a run's IO_WAITs it counts)
     ("kept: own history", "tab:green", lambda c: c["kept"] - (c.get("kept_by_source") or {}).get("server", 0)),
     ("kept: server-wide estimate", "yellowgreen", lambda c: (c.get("kept_by_source") or {}).get("server", 0)),
-    ("parked: long wait", "tab:blue", lambda c: c["reasons"].get("long", 0)),
-    ("parked: memory needed", "tab:orange", lambda c: c["reasons"].get("memory_needed", 0)),
-    ("parked: no estimate yet", "tab:gray", lambda c: c["reasons"].get("no_estimate", 0)),
-    ("parked: other", "tab:purple", lambda c: c["parked"] - sum(c["reasons"].get(k, 0) for k in
-                                                                 ("long", "memory_needed", "no_estimate"))),
+    ("standby, stayed on the device", "lightskyblue",
+     lambda c: c.get("standby", 0) - min(c.get("reclaimed", 0), c.get("standby", 0))),
+    ("standby, parked for the reserve", "tab:blue", lambda c: min(c.get("reclaimed", 0), c.get("standby", 0))),
+    ("parked at once: memory needed", "tab:orange", lambda c: c["reasons"].get("memory_needed", 0)),
+    ("parked at once: other", "tab:purple", lambda c: c["parked"] - c["reasons"].get("memory_needed", 0)),
     ("already off the device", "lightgray", lambda c: c["off_device"]),
 )
 
@@ -186,8 +186,8 @@ KEEP_PARK = (  # (label, colour, how many of a run's IO_WAITs it counts)
 def _keep_park(ax, preset: str, runs: list[dict]) -> bool:
     """Stacked bars: per tool-time class (and N), the share of IO_WAITs the policy kept on the
     device versus parked (by reason). False when no run reported keep/park decisions."""
-    rows = [r for r in runs if (r.get("wait_choices") or {}).get("kept", 0) + (r.get("wait_choices") or {}).get(
-        "parked", 0) + (r.get("wait_choices") or {}).get("off_device", 0) > 0]
+    rows = [r for r in runs if sum((r.get("wait_choices") or {}).get(k, 0)
+                                   for k in ("kept", "standby", "parked", "off_device")) > 0]
     if not rows:
         return False
     policy = "semantic" if any(r["policy"] == "semantic" for r in rows) else rows[0]["policy"]
@@ -203,7 +203,7 @@ def _keep_park(ax, preset: str, runs: list[dict]) -> bool:
             if run is None:
                 continue
             c = run["wait_choices"]
-            total = c["kept"] + c["parked"] + c["off_device"]
+            total = c["kept"] + c.get("standby", 0) + c["parked"] + c["off_device"]
             x = i - 0.4 + width * (j + 0.5)
             bottom = 0.0
             for label, colour, count in KEEP_PARK:

@@ -22,13 +22,13 @@ from djinn.engine.chat import turn_text
 from djinn.engine.fork import fork_session
 from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
-from djinn.engine.residency import Residency
+from djinn.engine.residency import Residency, RoomHeld
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler, stop_check
 from djinn.engine.session import Phase, Session
 from djinn.engine.sharing import changes_kv
 from djinn.engine.whitebox import WhiteBox
-from djinn.errors import CapacityError, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
+from djinn.errors import CapacityError, Cancelled, InvalidRequest, ModelNotFound, SessionClosed, SessionNotFound
 from djinn.memory.budget import plan, plan_host
 from djinn.memory.policy import KVState
 
@@ -73,7 +73,11 @@ class Engine:
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         c = self.config
         self.batcher = Batcher(self, c.prefill_chunk_tokens, c.max_batch, c.cuda_graphs)
-        self.loop.set_stepper(self.batcher.has_work, self.batcher.step)
+        # turns that found the device full of running turns' KV, waiting for one to end:
+        # (start, its future, when it was submitted), retried in order after batch steps
+        self._deferred: list[tuple] = []
+        self._retry_mark = -1
+        self.loop.set_stepper(self._has_work, self._step)
         # persistence hooks (server/journal.py), called on the loop: after a turn commits or a
         # truncation, ``on_commit(session)``; after a close, ``on_close(session_id)``
         self.on_commit = None
@@ -127,6 +131,10 @@ class Engine:
         def start() -> None:
             try:
                 r = self._generate(session_id, request, owner, submitted)
+            except RoomHeld as exc:
+                if not self._defer(start, out, submitted):
+                    out.set_exception(exc)
+                return
             except BaseException as exc:
                 out.set_exception(exc)
                 return
@@ -141,6 +149,30 @@ class Engine:
         else:
             self.loop.submit(start)
         return out
+
+    # ---- the loop's background work: batch steps, and turns waiting for room ------------
+    def _has_work(self) -> bool:
+        return self.batcher.has_work() or bool(self._deferred)
+
+    def _step(self) -> None:
+        if self.batcher.has_work():
+            self.batcher.step()
+        # retry waiting turns once a turn ended (its blocks may be evicted now), or at once when
+        # nothing runs any more (then the retry succeeds or fails for good)
+        if self._deferred and (self.residency.turns_ended != self._retry_mark or not self.batcher.has_work()):
+            self._retry_mark = self.residency.turns_ended
+            waiting, self._deferred = self._deferred, []
+            for start, _out, _submitted in waiting:
+                start()
+
+    def _defer(self, start, out: Future, submitted: float) -> bool:
+        """Keep a turn that found its room held by running turns (``RoomHeld``) for a retry
+        after a batch step. False when waiting cannot help (nothing runs) or it waited
+        ``EngineConfig.room_wait_s`` already: the caller fails it with the ``CapacityError``."""
+        if not self.batcher.has_work() or time.perf_counter() - submitted > self.config.room_wait_s:
+            return False
+        self._deferred.append((start, out, submitted))
+        return True
 
     def close_session(self, session_id: str, owner: str | None = None) -> None:
         self.loop.call(self._close_session, session_id, owner)
@@ -273,6 +305,9 @@ class Engine:
             self.on_commit(s)
 
     def _close_all(self) -> None:
+        waiting, self._deferred = self._deferred, []
+        for _start, out, _submitted in waiting:
+            out.set_exception(Cancelled("the engine is shutting down"))
         for sid in list(self.sessions):
             self._close_session(sid, self.sessions[sid].owner)
 

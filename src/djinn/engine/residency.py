@@ -83,6 +83,11 @@ class _Move:
     cancelled: bool = False      # the session no longer wants the result
 
 
+class RoomHeld(CapacityError):
+    """No room now, but running turns hold enough of it: the request can wait for one of them
+    to end (``Engine`` retries it after a batch step) instead of failing."""
+
+
 class Residency(WaitPlanning):
     def __init__(self, config: MemoryConfig, device: torch.device, prefix_sharing: bool = True):
         self.config = config
@@ -99,13 +104,14 @@ class Residency(WaitPlanning):
         # IO_WAIT decisions (engine.wait_plans), what the wait timers did, and the waits seen
         self.clock = time.monotonic
         self.waits = WaitHistory()
-        self.decisions: dict = {"io_wait": 0, "keep": 0, "park": 0, "drop": 0, "off": 0, "none": 0,
+        self.decisions: dict = {"io_wait": 0, "keep": 0, "standby": 0, "park": 0, "drop": 0, "off": 0, "none": 0,
                                 "reasons": {}, "sources": {"session": 0, "server": 0, "none": 0},
                                 "keep_sources": {"session": 0, "server": 0},
-                                "expected_wait_s": {"keep": 0.0, "park": 0.0},
-                                "prefetch": 0, "prefetch_no_room": 0, "late_park": 0, "kept_evicted": 0}
+                                "expected_wait_s": {"keep": 0.0, "standby": 0.0, "park": 0.0},
+                                "prefetch": 0, "prefetch_no_room": 0, "late_park": 0, "kept_evicted": 0,
+                                "reclaimed": 0}
         self._timers = None                           # engine.timers.Timers, started by the first timed plan
-        self._last_pressure: float | None = None     # when a request last had to evict (clock)
+        self.turns_ended = 0                          # end_turn calls so far (room may have come free)
 
     # ---- set-up -----------------------------------------------------------------------
     def add_model(self, name: str, pool: BlockPool, host_blocks: int) -> HostArena:
@@ -256,6 +262,7 @@ class Residency(WaitPlanning):
             tier = self.tiers.get(s.model)
             s.busy = False
             s.touch()
+            self.turns_ended += 1
             if tier is None or s.id not in tier.sessions:
                 return
             keep = tier.pool.shape.blocks_for(s.num_cached)
@@ -271,6 +278,7 @@ class Residency(WaitPlanning):
             if s.phase is not Phase.ACTIVE:
                 self._apply_signal(s)
             self._start_wanted_prefetches()
+            self._reclaim(s.model)        # the turn's blocks may have eaten into the reserve
 
     def pause_turn(self, s: Session) -> None:
         """The turn stopped at a breakpoint (white-box): the session is idle until resumed, so
@@ -502,13 +510,19 @@ class Residency(WaitPlanning):
                      if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
             self._credit_shared(tier, cands)
             plan = self.policy.victims(cands, short, tier.arena.free_count)
-            self._last_pressure = self.clock()       # the memory is needed: semantic keeps nothing for a while
             if plan is None and self.policy.moves_kv:
                 # sessions being restored (prefetched) become evictable when their copy lands
                 restoring = [m for m in self.moves if m.model == model and m.kind == IN and not m.cancelled
                              and m.session.id not in protect and not m.session.busy]
                 if restoring and sum(c.reclaimable for c in cands) + sum(len(m.device_blocks) for m in restoring) >= short:
                     return restoring[0].transfer
+            if plan is None and self.policy.moves_kv:
+                # blocks of running turns become evictable when the turn ends: worth waiting for
+                held = sum(len(x.block_table) for x in tier.sessions.values() if x.busy and x.id not in protect)
+                if held and sum(c.reclaimable for c in cands) + held >= short:
+                    raise RoomHeld(
+                        f"no room for {need} KV blocks on {pool.device} now: running turns hold {held}; "
+                        "retry when one ends")
             if plan is None:
                 raise CapacityError(
                     f"no room for {need} KV blocks on {pool.device}: {pool.free_count} free, "

@@ -42,7 +42,7 @@ class WaitPlanning:
     def _plan_wait(self, s: Session) -> None:
         """Ask the policy what to do with ``s``'s KV for its current IO_WAIT, do it, count it
         (once per wait), and set the plan's timers."""
-        plan = self.policy.plan_wait(self._candidate(s), self._room_now(s.model), self._rates())
+        plan = self.policy.plan_wait(self._candidate(s), self._room_now(s.model, s), self._rates())
         old = s.wait_plan
         if old is not None:
             old.cancel()
@@ -54,6 +54,8 @@ class WaitPlanning:
             self._park(s, allow_drop=False)
         elif plan.action is Action.DROP:
             self._drop(s)
+        elif plan.action is Action.STANDBY:
+            self._reclaim(s.model)             # the reserve may need it (or another) parked now
         for kind, at in (("prefetch", plan.prefetch_at_s), ("recheck", plan.recheck_at_s)):
             if at is not None:
                 if self._timers is None:
@@ -69,7 +71,7 @@ class WaitPlanning:
                     or tier.sessions.get(s.id) is not s:
                 return
             self._reap()
-            action = self.policy.on_wait_timer(self._candidate(s), kind, self._room_now(s.model))
+            action = self.policy.on_wait_timer(self._candidate(s), kind, self._room_now(s.model, s))
             if action is Action.PREFETCH:
                 if s.kv_state is KVState.PARKING:
                     self._cancel(s)                  # the device copy is intact: keep it
@@ -77,6 +79,7 @@ class WaitPlanning:
                     self._start_restore(s)
                 w.kept = True
                 self.decisions["prefetch"] += 1
+                self._reclaim(s.model)               # room it took may come from one due back later
             elif kind == "prefetch" and s.kv_state in (KVState.PARKING, KVState.PARKED):
                 self.decisions["prefetch_no_room"] += 1   # no free room, or the memory is needed
             elif action is Action.PARK:
@@ -84,11 +87,38 @@ class WaitPlanning:
                 self._park(s, allow_drop=False)
                 self.decisions["late_park"] += 1
 
-    def _room_now(self, model: str) -> Room:
+    def _room_now(self, model: str, planning: Session | None = None) -> Room:
         tier = self.tiers[model]
         wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == model and x.prefetch_wanted)
-        return Room(free_blocks=tier.pool.free_count, wanted_blocks=wanted,
-                    pressure_age_s=None if self._last_pressure is None else self.clock() - self._last_pressure)
+        standby = sum(c.reclaimable for c in self._standby(model) if c.id != getattr(planning, "id", None))
+        return Room(free_blocks=tier.pool.free_count + self._incoming(model), wanted_blocks=wanted,
+                    reserve_blocks=self.policy.reserve_blocks(tier.pool.capacity), standby_blocks=int(standby))
+
+    def _standby(self, model: str) -> list:
+        """Candidates the policy may park ahead of need (away for long, idle, on the device)."""
+        tier = self.tiers[model]
+        cands = [self._candidate(x) for x in tier.sessions.values()
+                 if not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
+        return [c for c in cands if self.policy.reclaimable(c)]
+
+    def _reclaim(self, model: str) -> None:
+        """Keep the policy's reserve of free device blocks: while the free blocks (counting parks
+        in flight) are below it, park standby sessions in the policy's order, in the background.
+        Only sessions that are away for long go this way; the rest leave on demand (``_room``)."""
+        tier = self.tiers.get(model)
+        if tier is None:
+            return
+        short = self.policy.reserve_blocks(tier.pool.capacity) - tier.pool.free_count - self._incoming(model)
+        if short <= 0:
+            return
+        for c in self.policy.order(self._standby(model)):
+            s = tier.sessions[c.id]
+            self._park(s, allow_drop=False)
+            if s.kv_state is KVState.PARKING:
+                self.decisions["reclaimed"] += 1
+                short -= c.reclaimable
+                if short <= 0:
+                    return
 
     def _count_decision(self, plan: WaitPlan) -> None:
         d = self.decisions

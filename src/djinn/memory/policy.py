@@ -18,23 +18,31 @@ Policies (``--policy``):
     the pager measured (a configured default until it has measured any), plus a margin for the
     prefetch to start early. Parking frees the memory only between the end of the park and the
     start of the prefetch, so a wait shorter than that break-even gains nothing from parking;
-  * KEEP when the expected wait is shorter than the break-even **and** the memory is not needed
-    (no prefetch waits for room, and no request had to evict anything in the last
-    ``pressure_window_s``); PARK otherwise, and when nothing is known about the wait;
+  * the memory is *needed* when a prefetch waits for room, or when the device pool's free
+    blocks (counting copies in flight) are below its reserve (``Room.reserve_blocks``, a share
+    of the pool kept free so that arrivals never wait for an eviction) and parking the
+    sessions that are away for long would not make that up;
+  * KEEP when the expected wait is shorter than the break-even and the memory is not needed;
+    PARK at once when the memory is needed; otherwise (a long wait, or nothing known about it)
+    STANDBY: the KV stays on the device as the first to go. Whenever the free blocks fall below
+    the reserve, the residency parks standby sessions in the background (``reclaim``), the one
+    expected back last first (Belady's rule on the expected returns), so the copies that happen
+    are the ones the memory needs, ahead of the requests that need it, and a long wait on a
+    device with room moves nothing;
   * after a park, PREFETCH at ``expected - deviation - restore_s - margin`` from the start of the
     wait, so the agent that comes back finds its KV on the device (only into free room and while
-    the memory is not needed: a prediction never evicts anyone nor takes room a request waits
-    for); when the wait overruns its estimate
-    (``mean + 4 x deviation + break-even``) and the KV is on the device (kept, or prefetched),
-    PARK it after all ("late park").
+    no prefetch waits for room: a prediction never evicts anyone nor takes room a request waits
+    for); when a kept wait overruns its estimate (``mean + 4 x deviation + break-even``) and the
+    KV is on the device, PARK it after all ("late park").
 
   ``ACTIVE`` brings parked KV back at once (prefetch ahead of the request). Under pressure,
   whole idle sessions are evicted in this order: sessions whose client said it is away
-  (``IO_WAIT``, or ``PAUSED`` at a breakpoint waiting for a person), longest away first (an
-  overdue wait is among them); then idle ``ACTIVE`` sessions, least recently used first; last,
-  ``IO_WAIT`` sessions due back soon: those kept for a short wait and those whose history says
-  they are due back within ``short_wait_s``. A keep is a bias, never a lock: a kept session is
-  an eviction candidate like any other, only the last one, so no keep ever blocks an admission.
+  (``IO_WAIT``, or ``PAUSED`` at a breakpoint waiting for a person), expected back last first
+  (unknown, far overdue, and paused count as never); then idle ``ACTIVE`` sessions, least
+  recently used first; last, ``IO_WAIT`` sessions due back soon: those kept for a short wait
+  and those expected back within ``short_wait_s``. A keep is a bias, never a lock: a kept
+  session is an eviction candidate like any other, only the last one, so no keep ever blocks an
+  admission.
 - ``semantic-park``: ``semantic`` with every IO_WAIT parked at once, whatever its expected length
   (no keep, no timed prefetch): the ablation of the wait estimate, and the policy of benchmarks
   that measure parking and restoring.
@@ -71,6 +79,7 @@ class KVState(str, enum.Enum):
 class Action(str, enum.Enum):
     NONE = "none"
     KEEP = "keep"              # IO_WAIT: leave the KV on the device (a short wait); pressure may still evict it
+    STANDBY = "standby"        # IO_WAIT: leave the KV on the device as the first to go (a long wait, memory to spare)
     PARK = "park"              # copy to the host arena, free the device blocks when the copy is done
     DROP = "drop"              # free the KV now; recompute later
     PREFETCH = "prefetch"      # start bringing parked KV back to the device
@@ -108,9 +117,10 @@ class Candidate:
 class Room:
     """The device pool of the session's model when a wait is planned."""
 
-    free_blocks: int
+    free_blocks: int                   # free now or once the copies in flight land
     wanted_blocks: int = 0             # blocks that prefetches are waiting for right now
-    pressure_age_s: float | None = None   # seconds since a request last had to evict (None: never)
+    reserve_blocks: int = 0            # free blocks the pool keeps for arrivals (semantic's low-water mark)
+    standby_blocks: int = 0            # blocks that reclaiming other standby sessions would free
 
 
 @dataclass(frozen=True)
@@ -143,8 +153,8 @@ class WaitPlan:
 
     @property
     def outcome(self) -> str:
-        """The decision counter this plan counts in: keep | park | drop | off | none."""
-        if self.action in (Action.KEEP, Action.PARK, Action.DROP):
+        """The decision counter this plan counts in: keep | standby | park | drop | off | none."""
+        if self.action in (Action.KEEP, Action.STANDBY, Action.PARK, Action.DROP):
             return self.action.value
         return "off" if self.reason == "off_device" else "none"
 
@@ -204,6 +214,15 @@ class Policy:
         """Candidates, best victim first."""
         return sorted(candidates, key=lambda c: (c.idle_since, c.id))
 
+    def reserve_blocks(self, capacity: int) -> int:
+        """Free device blocks to keep for arrivals by parking idle sessions ahead of need
+        (``reclaim``); 0: evict only on demand."""
+        return 0
+
+    def reclaimable(self, c: Candidate) -> bool:
+        """Whether ``c`` may be parked ahead of need, to restore the reserve."""
+        return False
+
     def victim_action(self, c: Candidate, host_free: int) -> Action:
         return Action.PARK if c.blocks <= host_free else Action.DROP
 
@@ -245,16 +264,16 @@ class LRU(Policy):
 
 class Semantic(Policy):
     """``semantic``: see the module docstring. ``margin_s``: the least head start of a prefetch
-    (at least half the restore time, for the estimate's error); ``pressure_window_s``: how
-    long after a request had to evict the memory counts as needed."""
+    (at least half the restore time, for the estimate's error); ``reserve``: the share of the
+    device pool kept free by parking standby sessions ahead of need."""
 
     name = "semantic"
     moves_kv = True
 
-    def __init__(self, short_wait_s: float = 1.0, margin_s: float = 0.05, pressure_window_s: float = 2.0):
+    def __init__(self, short_wait_s: float = 1.0, margin_s: float = 0.05, reserve: float = 0.1):
         self.short_wait_s = short_wait_s
         self.margin_s = margin_s
-        self.pressure_window_s = pressure_window_s
+        self.reserve = reserve
 
     def on_signal(self, c: Candidate) -> Action:
         """Signals alone (no estimate of the wait): IO_WAIT parks, ACTIVE prefetches."""
@@ -264,9 +283,11 @@ class Semantic(Policy):
             return Action.PREFETCH
         return Action.NONE
 
+    def reserve_blocks(self, capacity: int) -> int:
+        return int(capacity * self.reserve)
+
     def memory_needed(self, room: Room) -> bool:
-        return room.wanted_blocks > 0 or (room.pressure_age_s is not None
-                                          and room.pressure_age_s < self.pressure_window_s)
+        return room.wanted_blocks > 0 or room.free_blocks + room.standby_blocks < room.reserve_blocks
 
     def plan_wait(self, c: Candidate, room: Room, rates: CopyRates) -> WaitPlan:
         est = c.wait
@@ -274,51 +295,70 @@ class Semantic(Policy):
         margin = max(self.margin_s, 0.5 * restore_s)
         known = {} if est is None else {"expected_s": est.mean_s, "source": est.source}
         times = {"park_s": park_s, "restore_s": restore_s, **known}
+        prefetch = None if est is None else max(est.mean_s - est.dev_s - restore_s - margin, c.waited_s)
         off = c.state in (KVState.PARKING, KVState.PARKED, KVState.DROPPED)
         if off or (c.state is KVState.DEVICE and not c.blocks):
             if c.state is KVState.DEVICE or c.kv_bytes == 0:
                 return WaitPlan(Action.NONE, "no_kv", **times)
-            prefetch = None if est is None or c.state is KVState.DROPPED else \
-                max(est.mean_s - est.dev_s - restore_s - margin, c.waited_s)
-            return WaitPlan(Action.NONE, "off_device", prefetch_at_s=prefetch, **times)
-        if est is None:
-            return WaitPlan(Action.PARK, "no_estimate", **times)
+            return WaitPlan(Action.NONE, "off_device",
+                            prefetch_at_s=None if c.state is KVState.DROPPED else prefetch, **times)
+        needed = self.memory_needed(room)
+        if est is None:   # nothing known: the first to go, and parked now if the memory is needed
+            return WaitPlan(Action.PARK if needed else Action.STANDBY, "no_estimate", **times)
         break_even = park_s + restore_s + margin
         remaining = est.mean_s - c.waited_s
-        recheck = max(est.mean_s + 4 * est.dev_s + break_even, c.waited_s + break_even)
         if remaining <= 0:
             return WaitPlan(Action.PARK, "overdue", **times)
-        if remaining < break_even and not self.memory_needed(room):
+        if prefetch is not None and (remaining >= break_even or needed):
+            prefetch = max(prefetch, c.waited_s + park_s)     # not before a park now would end
+        if needed:
+            return WaitPlan(Action.PARK, "memory_needed", prefetch_at_s=prefetch, **times)
+        if remaining < break_even:
+            recheck = max(est.mean_s + 4 * est.dev_s + break_even, c.waited_s + break_even)
             return WaitPlan(Action.KEEP, "short", recheck_at_s=recheck, **times)
-        prefetch = max(est.mean_s - est.dev_s - restore_s - margin, c.waited_s + park_s)
-        return WaitPlan(Action.PARK, "long" if remaining >= break_even else "memory_needed",
-                        prefetch_at_s=prefetch, recheck_at_s=recheck, **times)
+        return WaitPlan(Action.STANDBY, "long", prefetch_at_s=prefetch, **times)
 
     def on_wait_timer(self, c: Candidate, kind: str, room: Room) -> Action:
         if c.phase != "IO_WAIT":
             return Action.NONE
         if kind == "prefetch" and c.state in (KVState.PARKING, KVState.PARKED):
-            # a prediction never takes room someone needs: not while the memory is needed (a park
-            # in flight may be the room a request waits for), and only into free blocks
-            if self.memory_needed(room) or (c.state is KVState.PARKED and room.free_blocks < c.host_blocks):
+            # a prediction never takes room someone needs: not while a prefetch waits for room
+            # (a park in flight may be the room a request waits for), and only into free blocks
+            if room.wanted_blocks > 0 or (c.state is KVState.PARKED and room.free_blocks < c.host_blocks):
                 return Action.NONE
             return Action.PREFETCH
         if kind == "recheck" and (c.state is KVState.RESTORING or (c.state is KVState.DEVICE and c.blocks)):
             return Action.PARK                 # the wait overran its estimate: free the memory after all
         return Action.NONE
 
+    def _back_s(self, c: Candidate) -> float:
+        """Seconds until ``c`` is expected back; ``inf`` when nothing says it is coming back (no
+        estimate, a wait far past its estimate, paused at a breakpoint)."""
+        if c.phase != "IO_WAIT" or c.expected_back_s is None:
+            return float("inf")
+        if c.expected_back_s > 0:
+            return c.expected_back_s
+        if c.wait is not None and c.waited_s < c.wait.mean_s + 4 * c.wait.dev_s:
+            return c.wait.dev_s                 # a little overdue: within its spread, back soon
+        return float("inf")
+
     def _tier(self, c: Candidate) -> int:
         if c.phase == "IO_WAIT":
-            back = c.expected_back_s
-            if back is not None and back <= 0:
-                return 0                        # overdue: nothing says it is coming back soon
-            return 2 if c.kept or (back is not None and back < self.short_wait_s) else 0
+            back = self._back_s(c)
+            return 2 if back != float("inf") and (c.kept or back < self.short_wait_s) else 0
         if c.phase == "PAUSED":
             return 0
         return 1
 
     def order(self, candidates: list[Candidate]) -> list[Candidate]:
-        return sorted(candidates, key=lambda c: (self._tier(c), c.idle_since, c.id))
+        def key(c: Candidate):
+            tier = self._tier(c)
+            back = -self._back_s(c) if tier == 0 else 0.0    # away: expected back last, first
+            return (tier, back, c.idle_since, c.id)
+        return sorted(candidates, key=key)
+
+    def reclaimable(self, c: Candidate) -> bool:
+        return c.phase in ("IO_WAIT", "PAUSED") and self._tier(c) == 0
 
 
 class SemanticPark(Semantic):
@@ -328,6 +368,9 @@ class SemanticPark(Semantic):
     (they need every IO_WAIT to park, however short)."""
 
     name = "semantic-park"
+
+    def reserve_blocks(self, capacity: int) -> int:
+        return 0
 
     def plan_wait(self, c: Candidate, room: Room, rates: CopyRates) -> WaitPlan:
         return Policy.plan_wait(self, c, room, rates)

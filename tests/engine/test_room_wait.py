@@ -1,0 +1,62 @@
+"""A turn that finds the device KV pool full of running turns' blocks waits for one of them to
+end (``RoomHeld``, retried after batch steps) instead of failing: every turn completes with
+transformers' own greedy tokens, and the wait is bounded by ``EngineConfig.room_wait_s``."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from djinn.config import EngineConfig, MemoryConfig
+from djinn.engine import Engine, GenerateRequest
+from djinn.errors import CapacityError
+
+from tests.engine.test_generate import greedy, hf_greedy
+
+
+def engine(lm, policy: str, room_wait_s: float = 30.0) -> Engine:
+    # 13 blocks of 16 tokens; each turn below needs 4 (40 prompt + 20 new tokens): 3 fit at once
+    return Engine({"m": lm}, EngineConfig(room_wait_s=room_wait_s,
+                                          memory=MemoryConfig(kv_blocks=13, host_blocks=64, policy=policy)))
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = random.Random(7)
+    return [[g.randrange(5, 250) for _ in range(40)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("policy", ["lru", "semantic", "recompute"])
+def test_turns_wait_for_running_turns_instead_of_failing(tiny_llama, policy):
+    want = [hf_greedy(tiny_llama.model, p, 20) for p in prompts(7)]   # before the engine shares the model
+    eng = engine(tiny_llama, policy)
+    try:
+        sids = [eng.open_session("m") for _ in range(7)]
+        futures = [eng.submit_generate(sid, GenerateRequest(p, greedy(20))) for sid, p in zip(sids, prompts(7))]
+        assert [f.result(timeout=120).token_ids for f in futures] == want
+        assert all(eng.session_info(sid)["turns"] == 1 for sid in sids)
+    finally:
+        eng.shutdown()
+
+
+def test_the_wait_is_bounded_and_a_refused_turn_changes_nothing(tiny_llama):
+    want = [hf_greedy(tiny_llama.model, p, 20) for p in prompts(7)]
+    eng = engine(tiny_llama, "lru", room_wait_s=0.0)      # no waiting: the old refusal
+    try:
+        sids = [eng.open_session("m") for _ in range(7)]
+        futures = [eng.submit_generate(sid, GenerateRequest(p, greedy(20))) for sid, p in zip(sids, prompts(7))]
+        refused = 0
+        for sid, w, f in zip(sids, want, futures):
+            try:
+                assert f.result(timeout=120).token_ids == w
+            except CapacityError as exc:
+                refused += 1
+                assert "running turns hold" in str(exc)
+                assert eng.session_info(sid)["tokens"] == 0     # the refused turn left nothing behind
+        assert refused > 0
+        # ... and once the others ended, the same requests run
+        for sid, p, w in zip(sids, prompts(7), want):
+            if eng.session_info(sid)["tokens"] == 0:
+                assert eng.generate(sid, GenerateRequest(p, greedy(20))).token_ids == w
+    finally:
+        eng.shutdown()
