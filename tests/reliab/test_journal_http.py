@@ -26,12 +26,13 @@ def _port() -> int:
         return probe.getsockname()[1]
 
 
-def _server(journal: str, port: int) -> ServerProcess:
+def _server(journal: str, port: int, token: str | None = TOKEN) -> ServerProcess:
+    """``token=None``: no server token, so every HTTP API key is accepted (each its own owner)."""
     return ServerProcess("--kv-blocks", "128", "--lease", "1", "--journal", journal, "--http-port", str(port),
-                         token=TOKEN, env=TEST_CHILD_ENV).start()
+                         token=token, env=TEST_CHILD_ENV).start()
 
 
-def _http(port: int) -> httpx.Client:
+def _http(port: int, key: str = TOKEN) -> httpx.Client:
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -39,7 +40,7 @@ def _http(port: int) -> httpx.Client:
             break
         except httpx.HTTPError:
             time.sleep(0.1)
-    return httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    return httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
 def _chat(http: httpx.Client, msgs: list[dict], headers: dict | None = None, **extra) -> tuple[str, str, dict]:

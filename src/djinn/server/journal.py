@@ -34,9 +34,14 @@ server/http/sessions.py). Their engine sessions are journaled like any other, an
 end adds one ``conversations`` row per session (``note``: its namespace, issued tool-call
 ids, last finish reason, turns; JSON) after each turn, so a restarted front end rebuilds its
 index (``conversations()``) and every way of matching a conversation works again. The row
-goes with the session (``forget``). Not journaled: stored Responses-API objects
-(``previous_response_id``), which stay in memory; a client continues such a conversation
-after a restart by sending its messages (matched by prefix) or its session id.
+goes with the session (``forget``).
+
+Stored Responses-API objects (server/http/responses.py): one ``responses`` row per stored
+response (``note_response``: its id, owner, session, the conversation after it and the object
+itself, JSON), written only while its session's row exists and removed by ``DELETE
+/v1/responses/{id}`` (``forget_response``) or with its session (``forget``). A restarted front
+end loads those whose session was restored (``responses()``), so ``GET`` and
+``previous_response_id`` work again; ``store: false`` responses are never written.
 
 A journal write that fails (disk full) is logged and counted, never raised into the turn:
 the reply is still correct, only the restart guarantee is lost for that session.
@@ -77,7 +82,16 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     meta TEXT NOT NULL
-)"""
+);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    obj TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_session ON responses (session_id)"""
 
 
 def pack_tokens(tokens: list[int]) -> bytes:
@@ -134,6 +148,7 @@ class Journal:
             with self._lock:
                 cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
                 self._db.execute("DELETE FROM conversations WHERE id = ?", (session_id,))
+                self._db.execute("DELETE FROM responses WHERE session_id = ?", (session_id,))
             self.counters["forgets"] += cur.rowcount > 0
         except sqlite3.Error as exc:
             self.counters["errors"] += 1
@@ -156,6 +171,37 @@ class Journal:
         with self._lock:
             out = self._db.execute("SELECT id, meta FROM conversations").fetchall()
         return {sid: json.loads(meta) for sid, meta in out}
+
+    def note_response(self, rid: str, owner: str, session_id: str, messages: list[dict], obj: dict) -> None:
+        """Record a stored Responses-API object. Written only for a journaled owner and while
+        its session's row exists (one closed meanwhile takes its responses with it)."""
+        if not journaled(owner):
+            return
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO responses SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                                 "(SELECT 1 FROM sessions WHERE id = ? AND owner = ?)",
+                                 (rid, owner, session_id, json.dumps(messages), json.dumps(obj), time.time(),
+                                  session_id, owner))
+        except sqlite3.Error as exc:
+            self.counters["errors"] += 1
+            log.error("journal: could not record response %s: %s", rid, exc)
+
+    def forget_response(self, rid: str) -> None:
+        try:
+            with self._lock:
+                self._db.execute("DELETE FROM responses WHERE id = ?", (rid,))
+        except sqlite3.Error as exc:
+            self.counters["errors"] += 1
+            log.error("journal: could not forget response %s: %s", rid, exc)
+
+    def responses(self) -> list[dict]:
+        """Every stored response, oldest first."""
+        with self._lock:
+            out = self._db.execute("SELECT id, owner, session_id, messages, obj FROM responses "
+                                   "ORDER BY created").fetchall()
+        return [{"id": r[0], "owner": r[1], "session_id": r[2], "messages": json.loads(r[3]), "obj": json.loads(r[4])}
+                for r in out]
 
     # ---- start -----------------------------------------------------------------------
     def rows(self) -> list[dict]:

@@ -3,6 +3,8 @@
 A stored response (``store`` defaults to true) is a Djinn session: ``previous_response_id``
 continues that session's KV and conversation; ``GET``/``DELETE /v1/responses/{id}`` read and
 forget it. ``store: false`` keeps nothing: a session opened for such a response closes after it.
+With a journal (``djinn serve --journal``) stored responses are journaled too (server/journal.py)
+and loaded again at start for the sessions the journal restored, so they survive a restart.
 Streaming is not offered here yet and is refused with a 400, like every field Djinn would ignore.
 """
 
@@ -100,6 +102,14 @@ def add_routes(app: FastAPI, fe, auth) -> None:
 
     store: dict[str, Stored] = {}
     app.state.responses = store
+    journal = fe.journal
+    if journal is not None:      # before serving: those of the conversations the journal restored
+        for row in journal.responses():
+            conv = fe.index.by_id.get(row["session_id"])
+            if conv is None or conv.owner != row["owner"]:
+                continue          # its session was not restored (model not loaded now): kept on disk
+            store[row["id"]] = Stored(owner=row["owner"], session_id=conv.id, messages=row["messages"], obj=row["obj"])
+            conv.responses.add(row["id"])
 
     def lookup(owner: str, rid: str) -> Stored:
         s = store.get(rid)
@@ -180,6 +190,8 @@ def add_routes(app: FastAPI, fe, auth) -> None:
             convo = [m for m in messages[len(head):]] + [reply]
             store[rid] = Stored(owner=owner, session_id=conv.id, messages=convo, obj=obj)
             conv.responses.add(rid)
+            if journal is not None:
+                await fe.call(journal.note_response, rid, owner, conv.id, convo, obj)
         elif out.djinn.get("matched_by") == "new" and conv.id in fe.index.by_id:
             async with conv.lock:
                 await fe.close(conv)
@@ -193,6 +205,8 @@ def add_routes(app: FastAPI, fe, auth) -> None:
     async def delete(rid: str, request: Request):
         s = lookup(auth(request), rid)
         del store[rid]
+        if journal is not None:
+            await fe.call(journal.forget_response, rid)
         conv = fe.index.by_id.get(s.session_id)
         if conv is not None:
             conv.responses.discard(rid)
