@@ -9,6 +9,7 @@ import torch
 from djinn.engine import GenerateRequest
 
 from tests.conftest import loaded, requires_cuda
+from tests.engine.test_cuda import assert_greedy_within_rounding
 from tests.engine.test_generate import greedy, hf_greedy
 from tests.engine.test_swap import _agents, engine, prompts
 
@@ -17,7 +18,17 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_twenty_parks_and_restores_change_no_token(dtype):
+    """The tokens of a session moved 20 times equal those of the same turns on a session that
+    never moved (the same kernels: bit for bit), and transformers' generate (float32: exactly;
+    float16: within rounding, ``assert_greedy_within_rounding``, since its kernels round
+    differently and a near-tie may break the other way)."""
     lm = loaded("tiny-llama", device="cuda", dtype=dtype)
+    still = engine(lm, policy="resident")
+    try:
+        sid = still.open_session("m")
+        unmoved = [still.generate(sid, GenerateRequest(p, greedy(6))).token_ids for p in prompts(1, 21)]
+    finally:
+        still.shutdown()
     eng = engine(lm, policy="semantic-park")      # every IO_WAIT parks, however short (semantic would keep these)
     try:
         assert eng.residency.tiers["m"].arena.run_view(0, 1).is_pinned()
@@ -26,7 +37,11 @@ def test_cuda_twenty_parks_and_restores_change_no_token(dtype):
         for turn, prompt in enumerate(prompts(1, 21)):
             out = eng.generate(sid, GenerateRequest(prompt, greedy(6)))
             history += prompt
-            assert out.token_ids == hf_greedy(lm.model, history, 6), f"turn {turn}"
+            assert out.token_ids == unmoved[turn], f"turn {turn}"
+            if dtype == torch.float32:
+                assert out.token_ids == hf_greedy(lm.model, history, 6), f"turn {turn}"
+            else:
+                assert_greedy_within_rounding(lm.model, history, out.token_ids, dtype)
             history += out.token_ids
             if turn < 20:
                 eng.signal_phase(sid, "IO_WAIT")
@@ -78,15 +93,19 @@ def test_cuda_forty_agents_with_eight_times_the_device_kv():
 
 
 def test_cuda_semantic_keeps_short_waits_and_prefetches_long_ones_on_its_timer():
-    """semantic on CUDA: a session whose tools take ~0.4 s is parked on IO_WAIT and its restore
-    is started by the wait timer (its own thread, its own copy stream) before the client comes
-    back; one whose tools take ~1 ms keeps its KV on the device. Tokens equal transformers'."""
+    """semantic on CUDA: a session whose tools take ~1 ms keeps its KV on the device; one whose
+    tools take ~0.4 s, on a device whose memory is needed (the reserve set to the whole pool), is
+    parked on IO_WAIT and its restore is started by the wait timer (its own thread, its own copy
+    stream) before the client comes back. Tokens equal transformers'. (Which waits keep, stand
+    by or park is tested on the CPU: tests/memory/test_policy.py, tests/engine/test_wait_plans.py.)"""
     import time
 
-    lm = loaded("tiny-llama", device="cuda", dtype=torch.float16)
+    lm = loaded("tiny-llama", device="cuda", dtype=torch.float32)
     eng = engine(lm, policy="semantic")
     try:
         for tool_s, kept in ((0.001, True), (0.4, False)):
+            if not kept:
+                eng.residency.policy.reserve = 1.0     # the memory is needed: long waits park at once
             sid = eng.open_session("m")
             history: list[int] = []
             for turn, prompt in enumerate(prompts(3 + int(tool_s * 10), 6)):
@@ -105,6 +124,6 @@ def test_cuda_semantic_keeps_short_waits_and_prefetches_long_ones_on_its_timer()
                 eng.signal_phase(sid, "ACTIVE")
             eng.close_session(sid)
         d = eng.stats()["decisions"]
-        assert d["keep"] >= 3 and d["prefetch"] >= 3 and d["reasons"]["long"] >= 3
+        assert d["keep"] >= 3 and d["prefetch"] >= 3 and d["reasons"]["memory_needed"] >= 3
     finally:
         eng.shutdown()

@@ -31,6 +31,7 @@ def rig(**kw) -> tuple[Rig, Clock]:
     r = Rig("semantic", **kw)
     clock = Clock()
     r.res.clock = clock
+    r.res._timers.close()                          # the real timer thread: replaced by a hand-run one
     r.res._timers = Timers(clock=clock, thread=False)
     return r, clock
 

@@ -70,10 +70,10 @@ def hf_logits(model, ids: list[int], past: list[int] | None = None) -> torch.Ten
     """Logits of ``ids``; with ``past``, as a decode over transformers' own cache of ``past``."""
     with torch.inference_mode():
         if past is None:
-            return model(torch.tensor([ids])).logits[0]
+            return model(torch.tensor([ids], device=model.device)).logits[0]
         cache = DynamicCache(config=model.config)
-        model(torch.tensor([past]), past_key_values=cache, use_cache=True)
-        return model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0]
+        model(torch.tensor([past], device=model.device), past_key_values=cache, use_cache=True)
+        return model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True).logits[0]
 
 
 def hf_greedy(model, history: list[int], n: int) -> list[int]:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from djinn.bench.metrics import MemorySampler, TurnRecord, delta, downsample, live_agents, moved_bytes, stat, summarize
+from djinn.bench.metrics import (GcPauses, MemorySampler, TurnRecord, delta, downsample, live_agents, moved_bytes,
+                                 stat, summarize)
 from djinn.bench.workload import AgentPlan
 
 
@@ -118,27 +119,31 @@ def run_agents(client, model_name: str, plans: list[AgentPlan], opts: RunOptions
     records: list[TurnRecord] = []
     spans: list[tuple[float, float]] = []
     bar = _Progress(planned, opts.label, opts.progress)
+    gc_pauses = GcPauses()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=_agent, args=(model, p, opts, t0, stop, records, spans, bar),
                                 name=f"agent-{p.index}", daemon=True) for p in plans]
-    for th in threads:
-        th.start()
-    cut_short = False
-    for th in threads:
-        th.join(max(0.0, t0 + opts.deadline_s - time.perf_counter()))
-        if th.is_alive():
-            cut_short = True
-            stop.set()
-    # a generate already in flight when the bound hit finishes on the server; give it time
-    grace_end = time.perf_counter() + max(30.0, min(opts.deadline_s, 120.0))
-    for th in threads:
-        th.join(max(0.0, grace_end - time.perf_counter()))
+    with gc_pauses:
+        for th in threads:
+            th.start()
+        cut_short = False
+        for th in threads:
+            th.join(max(0.0, t0 + opts.deadline_s - time.perf_counter()))
+            if th.is_alive():
+                cut_short = True
+                stop.set()
+        # a generate already in flight when the bound hit finishes on the server; give it time
+        grace_end = time.perf_counter() + max(30.0, min(opts.deadline_s, 120.0))
+        for th in threads:
+            th.join(max(0.0, grace_end - time.perf_counter()))
     wall = max((e for _, e in spans), default=time.perf_counter() - t0)
     timeline = sampler.stop()
     bar.close()
     after = client.stats()
     hung = [int(th.name.split("-")[1]) for th in threads if th.is_alive()]
-    return finish_run(plans, list(records), list(spans), hung, wall, cut_short, before, after, sampler, timeline, opts)
+    run = finish_run(plans, list(records), list(spans), hung, wall, cut_short, before, after, sampler, timeline, opts)
+    run["gc_pauses"] = gc_pauses.summary()     # this process's collector (the engine's, when embedded)
+    return run
 
 
 def finish_run(plans: list[AgentPlan], records: list[TurnRecord], spans: list[tuple[float, float]], hung: list[int],
@@ -176,6 +181,8 @@ def finish_run(plans: list[AgentPlan], records: list[TurnRecord], spans: list[tu
         "bytes_moved_per_turn": (moved / summary["ok_turns"]) if moved and summary["ok_turns"] else
         (0.0 if moved == 0 else None),
         "decisions": delta(stat(after, "decisions"), stat(before, "decisions")),
+        # the engine loop's slow calls and steps (at_s: seconds since the engine started)
+        "loop_slow": stat(after, "loop_slow"),
         "stats_delta": delta(after, before), "sampler_errors": sampler.errors,
         "turns": [r.row() for r in sorted(records, key=lambda r: (r.agent, r.turn))],
         "timeline": downsample(timeline),

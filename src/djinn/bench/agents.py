@@ -155,14 +155,19 @@ def _line(run: dict) -> str:
     nr = run["no_recompute_share"]
     moved = run["bytes_moved"]
     wc = run.get("wait_choices")
-    choice = "" if not wc or not (wc["kept"] or wc["parked"] or wc["off_device"]) else \
-        f"IO_WAITs kept {wc['kept']}/parked {wc['parked'] + wc['off_device']}, "
+    choice = "" if not wc or not (wc["kept"] or wc.get("standby") or wc["parked"] or wc["off_device"]) else \
+        f"IO_WAITs kept {wc['kept']}/standby {wc.get('standby', 0)}/parked {wc['parked'] + wc['off_device']}, "
+    slow = (run.get("loop_slow") or {}).get("last") or []
+    gcp = run.get("gc_pauses") or {}
+    stalls = (f", loop stalls >=0.25 s: {len(slow)} (max {max(x['ms'] for x in slow):.0f} ms)" if slow else "") + \
+        (f", gc max {gcp['max_ms']:.0f} ms" if gcp.get("max_ms", 0) >= 50 else "")
     return (f"[{run['policy']} {run['tool']} n={run['n']}] success {run['success_rate']:.1%} "
             f"turn p50/p99/max {ms(run['turn_ms']['p50'])}/{ms(run['turn_ms']['p99'])}/{ms(run['turn_ms']['max'])} ms, "
             f"TTFT p99 {ms(run['ttft_ms']['p99'])} ms, live agents max {run['live_agents']['max']}, "
             f"no-recompute {'-' if nr is None else f'{nr:.0%}'}, {choice}"
             f"moved {'-' if moved is None else f'{moved / 2**20:.0f} MiB'}, "
-            f"{run['wall_s']:.1f} s{' (cut short)' if run['cut_short'] else ''}{' SUSTAINED' if run['sustained'] else ''}")
+            f"{run['wall_s']:.1f} s{' (cut short)' if run['cut_short'] else ''}{stalls}"
+            f"{' SUSTAINED' if run['sustained'] else ''}")
 
 
 class _Api:

@@ -18,6 +18,7 @@ Definitions (the JSON's field names):
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ STAT_PATHS: dict[str, list[tuple[str, ...]]] = {
     "sessions": [("sessions",)],
     "kv_shared": [("sharing", "kv_shared")],
     "sharing_ratio": [("sharing", "sharing_ratio")],
+    "loop_slow": [("loop_slow",)],      # calls and steps that held the engine loop >= 0.25 s
 }
 
 
@@ -78,6 +80,35 @@ def moved_bytes(stats: dict | None) -> int | float | None:
         parts = [_total(stat(stats, "bytes_to_host")), _total(stat(stats, "bytes_to_device"))]
         total = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
     return total
+
+
+class GcPauses:
+    """Pauses of Python's cyclic garbage collector during a run (it stops every thread of the
+    process, engine included, while it runs): with an embedded engine, a latency tail that
+    coincides with one is the collector's, not the policy's."""
+
+    def __init__(self, slow_s: float = 0.05):
+        self.slow_s, self.pauses, self._t = slow_s, [], 0.0
+        self._t0 = time.perf_counter()
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.pauses.append((self._t - self._t0, time.perf_counter() - self._t, info.get("generation")))
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        slow = [p for p in self.pauses if p[1] >= self.slow_s]
+        return {"collections": len(self.pauses), "total_ms": sum(p[1] for p in self.pauses) * 1e3,
+                "max_ms": max((p[1] for p in self.pauses), default=0.0) * 1e3,
+                "slow": [{"at_s": round(at, 3), "ms": round(d * 1e3, 1), "generation": g} for at, d, g in slow[-32:]]}
 
 
 def delta(after: Any, before: Any) -> Any:

@@ -356,12 +356,16 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
         if url:
             import httpx
 
-            for _ in range(50):
+            deadline = time.monotonic() + 300      # the HTTP front end starts after the models load
+            while True:
                 try:
                     httpx.get(url.removesuffix("/v1") + "/health", timeout=5)
                     break
                 except httpx.HTTPError:
-                    time.sleep(0.2)
+                    if time.monotonic() > deadline or not srv.alive():
+                        raise RuntimeError("the server's HTTP front end did not come up; its output:\n"
+                                           + srv.output()[-4000:]) from None
+                    time.sleep(0.5)
             # the first text turn starts the tokenizer's own thread pool (Rust, one thread per
             # CPU, not Python threads): it must exist before the baseline is counted
             h = {"Authorization": f"Bearer {TOKEN}"}

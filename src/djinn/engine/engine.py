@@ -524,6 +524,7 @@ class Engine:
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
             "batching": self.batcher.stats(),
+            "loop_slow": {"count": self.loop.slow_total, "last": list(self.loop.slow)},
             "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},
             **self.counters,
         }

@@ -7,9 +7,11 @@ needs a lock.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -24,6 +26,11 @@ class EngineLoop:
         self._stopping = False
         self._has_work: Callable[[], bool] = lambda: False
         self._step: Callable[[], None] = lambda: None
+        # the slow-op log: every call or step that held the loop longer than SLOW_S (while it
+        # runs, no other session advances), newest last: a latency tail's first suspect
+        self.slow: collections.deque = collections.deque(maxlen=64)
+        self.slow_total = 0
+        self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -49,25 +56,37 @@ class EngineLoop:
             return fn(*args, **kwargs)
         return self.submit(fn, *args, **kwargs).result()
 
+    SLOW_S = 0.25
+
+    def _note(self, what: str, started: float) -> None:
+        took = time.perf_counter() - started
+        if took >= self.SLOW_S:
+            self.slow_total += 1
+            self.slow.append({"at_s": round(started - self._t0, 3), "what": what, "ms": round(took * 1e3, 1)})
+
     def _run(self) -> None:
         while True:
             try:
                 item = self._queue.get(block=not self._has_work())
             except queue.Empty:
+                t = time.perf_counter()
                 try:
                     self._step()
                 except BaseException:  # pragma: no cover - the stepper fails its own turns
                     log.exception("engine step failed")
+                self._note("step", t)
                 continue
             if item is None:
                 return
             fn, args, kwargs, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            t = time.perf_counter()
             try:
                 fut.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # delivered to the caller, the loop keeps going
                 fut.set_exception(exc)
+            self._note(getattr(fn, "__qualname__", "call"), t)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stopping = True

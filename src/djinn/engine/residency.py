@@ -51,6 +51,7 @@ import torch
 from djinn.config import MemoryConfig
 from djinn.engine import sharing
 from djinn.engine.session import Phase, Session
+from djinn.engine.timers import Timers
 from djinn.engine.wait_plans import WaitPlanning
 from djinn.errors import CapacityError, InvalidRequest, SessionNotFound
 from djinn.memory.blocks import BlockPool
@@ -110,7 +111,9 @@ class Residency(WaitPlanning):
                                 "expected_wait_s": {"keep": 0.0, "standby": 0.0, "park": 0.0},
                                 "prefetch": 0, "prefetch_no_room": 0, "late_park": 0, "kept_evicted": 0,
                                 "reclaimed": 0}
-        self._timers = None                           # engine.timers.Timers, started by the first timed plan
+        # engine.timers.Timers of the wait plans: started now under a policy that times them (so
+        # the server's set of threads is fixed from the start), else by the first timed plan
+        self._timers = Timers(clock=self.clock, name="djinn-wait-timers") if self.policy.timed else None
         self.turns_ended = 0                          # end_turn calls so far (room may have come free)
 
     # ---- set-up -----------------------------------------------------------------------

@@ -196,6 +196,7 @@ class Policy:
 
     name = "resident"
     moves_kv = False
+    timed = False                      # its wait plans set timers (prefetch, recheck)
 
     def on_signal(self, c: Candidate) -> Action:
         """What to do right after the session's phase changed to ``c.phase``."""
@@ -269,6 +270,7 @@ class Semantic(Policy):
 
     name = "semantic"
     moves_kv = True
+    timed = True
 
     def __init__(self, short_wait_s: float = 1.0, margin_s: float = 0.05, reserve: float = 0.1):
         self.short_wait_s = short_wait_s
@@ -368,6 +370,7 @@ class SemanticPark(Semantic):
     (they need every IO_WAIT to park, however short)."""
 
     name = "semantic-park"
+    timed = False
 
     def reserve_blocks(self, capacity: int) -> int:
         return 0
