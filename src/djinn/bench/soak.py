@@ -42,7 +42,6 @@ import os
 import random
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -362,9 +361,9 @@ def run_soak(minutes: float, workers: int, http_workers: int, kv_blocks: int, se
                     httpx.get(url.removesuffix("/v1") + "/health", timeout=5)
                     break
                 except httpx.HTTPError:
-                    if time.monotonic() > deadline or not srv.alive():
+                    if time.monotonic() > deadline or not srv.alive() or "HTTP API: not available" in srv.output:
                         raise RuntimeError("the server's HTTP front end did not come up; its output:\n"
-                                           + srv.output()[-4000:]) from None
+                                           + srv.output[-4000:]) from None
                     time.sleep(0.5)
             # the first text turn starts the tokenizer's own thread pool (Rust, one thread per
             # CPU, not Python threads): it must exist before the baseline is counted

@@ -86,8 +86,8 @@ def _start_http(engine: Engine, config: Config, loop: asyncio.AbstractEventLoop,
         return None
     try:
         run_http = importlib.import_module("djinn.server.http").run_http
-    except (ImportError, AttributeError):
-        return f"HTTP API: not available in this build (--http-port {port} ignored)"
+    except (ImportError, AttributeError) as exc:   # named, so a missing dependency is obvious
+        return f"HTTP API: not available in this build ({exc}; --http-port {port} ignored)"
     host = config.server.host
     kwargs = {} if journal is None else {"journal": journal}
     if inspect.iscoroutinefunction(run_http):
