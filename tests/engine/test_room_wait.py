@@ -60,3 +60,32 @@ def test_the_wait_is_bounded_and_a_refused_turn_changes_nothing(tiny_llama):
                 assert eng.generate(sid, GenerateRequest(p, greedy(20))).token_ids == w
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["lru", "semantic"])
+def test_waiting_turns_take_the_room_in_turn_and_restore_each_session_about_once(tiny_llama, policy):
+    """Eight parked sessions come back at once to a pool that holds one or two of their turns:
+    the turns queue for room first come first served, so each session's KV is restored about
+    once (retrying them all after every step had each evict the KV the one before had just
+    restored: 548 restores for these 8 turns), and every token is transformers' own."""
+    g = random.Random(3)
+    first = [[g.randrange(5, 250) for _ in range(40)] for _ in range(8)]
+    second = [[g.randrange(5, 250) for _ in range(30)] for _ in range(8)]
+    want1 = [hf_greedy(tiny_llama.model, p, 20) for p in first]
+    want2 = [hf_greedy(tiny_llama.model, p + w + q, 20) for p, w, q in zip(first, want1, second)]
+    eng = Engine({"m": tiny_llama}, EngineConfig(memory=MemoryConfig(kv_blocks=13, host_blocks=256, policy=policy)))
+    try:
+        sids = [eng.open_session("m") for _ in range(8)]
+        outs = [eng.submit_generate(sid, GenerateRequest(p, greedy(20))) for sid, p in zip(sids, first)]
+        assert [f.result(timeout=120).token_ids for f in outs] == want1
+        for sid in sids:
+            eng.signal_phase(sid, "IO_WAIT")
+        eng.residency.wait_idle()
+        restored = eng.stats()["swaps"]["in"]
+        for sid in sids:
+            eng.signal_phase(sid, "ACTIVE")
+        outs = [eng.submit_generate(sid, GenerateRequest(q, greedy(20))) for sid, q in zip(sids, second)]
+        assert [f.result(timeout=120).token_ids for f in outs] == want2
+        assert eng.stats()["swaps"]["in"] - restored <= 2 * 8
+    finally:
+        eng.shutdown()

@@ -8,6 +8,7 @@ device) and wait for it. Methods whose name starts with ``_`` run on the loop. T
 
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 from concurrent.futures import Future
@@ -73,9 +74,11 @@ class Engine:
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         c = self.config
         self.batcher = Batcher(self, c.prefill_chunk_tokens, c.max_batch, c.cuda_graphs)
-        # turns that found the device full of running turns' KV, waiting for one to end:
-        # (start, its future, when it was submitted), retried in order after batch steps
-        self._deferred: list[tuple] = []
+        # turns that found the device full of running turns' KV, waiting for one to end, first
+        # come first served: (start, its future, when it was submitted). Only the head retries
+        # (after a batch step in which a turn ended), and while any waits, new turns queue behind
+        # it: were each retried, each would evict the KV the one before it just restored.
+        self._deferred: collections.deque = collections.deque()
         self._retry_mark = -1
         self.loop.set_stepper(self._has_work, self._step)
         # persistence hooks (server/journal.py), called on the loop: after a turn commits or a
@@ -128,11 +131,14 @@ class Engine:
         submitted = time.perf_counter()
         out: Future = Future()
 
-        def start() -> None:
+        def start(retry: bool = False) -> None:
+            if not retry and self._deferred:      # others wait for room: behind them
+                self._wait_for_room(start, out, submitted, head=False)
+                return
             try:
                 r = self._generate(session_id, request, owner, submitted)
             except RoomHeld as exc:
-                if not self._defer(start, out, submitted):
+                if not self._defer(start, out, submitted, head=retry):
                     out.set_exception(exc)
                 return
             except BaseException as exc:
@@ -157,22 +163,34 @@ class Engine:
     def _step(self) -> None:
         if self.batcher.has_work():
             self.batcher.step()
-        # retry waiting turns once a turn ended (its blocks may be evicted now), or at once when
-        # nothing runs any more (then the retry succeeds or fails for good)
+        # retry the waiting turns in order once a turn ended (its blocks may be evicted now), or
+        # at once when nothing runs any more (then the head succeeds or fails for good); stop at
+        # the first that must wait again
         if self._deferred and (self.residency.turns_ended != self._retry_mark or not self.batcher.has_work()):
             self._retry_mark = self.residency.turns_ended
-            waiting, self._deferred = self._deferred, []
-            for start, _out, _submitted in waiting:
-                start()
+            while self._deferred:
+                start, _out, _submitted = self._deferred.popleft()
+                waiting = len(self._deferred)
+                start(retry=True)
+                if len(self._deferred) > waiting:      # it went back to the head
+                    break
+            self.residency.turns_waiting = len(self._deferred)
 
-    def _defer(self, start, out: Future, submitted: float) -> bool:
+    def _defer(self, start, out: Future, submitted: float, head: bool) -> bool:
         """Keep a turn that found its room held by running turns (``RoomHeld``) for a retry
         after a batch step. False when waiting cannot help (nothing runs) or it waited
         ``EngineConfig.room_wait_s`` already: the caller fails it with the ``CapacityError``."""
         if not self.batcher.has_work() or time.perf_counter() - submitted > self.config.room_wait_s:
             return False
-        self._deferred.append((start, out, submitted))
+        self._wait_for_room(start, out, submitted, head)
         return True
+
+    def _wait_for_room(self, start, out: Future, submitted: float, head: bool) -> None:
+        if head:
+            self._deferred.appendleft((start, out, submitted))
+        else:
+            self._deferred.append((start, out, submitted))
+        self.residency.turns_waiting = len(self._deferred)   # prefetches leave the room to them
 
     def close_session(self, session_id: str, owner: str | None = None) -> None:
         self.loop.call(self._close_session, session_id, owner)
@@ -305,7 +323,7 @@ class Engine:
             self.on_commit(s)
 
     def _close_all(self) -> None:
-        waiting, self._deferred = self._deferred, []
+        waiting, self._deferred = self._deferred, collections.deque()
         for _start, out, _submitted in waiting:
             out.set_exception(Cancelled("the engine is shutting down"))
         for sid in list(self.sessions):

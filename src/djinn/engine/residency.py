@@ -115,6 +115,7 @@ class Residency(WaitPlanning):
         # the server's set of threads is fixed from the start), else by the first timed plan
         self._timers = Timers(clock=self.clock, name="djinn-wait-timers") if self.policy.timed else None
         self.turns_ended = 0                          # end_turn calls so far (room may have come free)
+        self.turns_waiting = 0                        # turns queued for room (set by Engine): prefetches wait
 
     # ---- set-up -----------------------------------------------------------------------
     def add_model(self, name: str, pool: BlockPool, host_blocks: int) -> HostArena:
@@ -635,16 +636,21 @@ class Residency(WaitPlanning):
         return True
 
     def _prefetch(self, s: Session) -> None:
-        """Start bringing ``s`` back without waiting for anything."""
+        """Start bringing ``s`` back without waiting for anything (making room as a request
+        would), else as soon as room appears. Not while requests queue for room: its own request
+        then takes its place in that queue (a prefetch that evicted could take the KV another
+        waiting request just restored, and each would undo the other's work)."""
         if s.kv_state is KVState.PARKING:
             self._cancel(s)
             return
         if s.kv_state is not KVState.PARKED:
             return
-        try:
-            waiter = self._room(s.model, self._restore_need(s), {s.id})
-        except CapacityError:
-            waiter = True                       # no room now: the request will try again
+        waiter = True
+        if not self.turns_waiting:
+            try:
+                waiter = self._room(s.model, self._restore_need(s), {s.id})
+            except CapacityError:
+                pass                            # no room now: the request will try again
         if waiter is not None or not self._start_restore(s):
             s.prefetch_wanted = True
             self._wanted[s.id] = s
@@ -722,6 +728,8 @@ class Residency(WaitPlanning):
         self.moves = still
 
     def _start_wanted_prefetches(self) -> None:
+        if self.turns_waiting:
+            return                              # the room that appears is for the waiting turns
         for sid, s in list(self._wanted.items()):
             tier = self.tiers[s.model]
             if not s.prefetch_wanted or s.kv_state is not KVState.PARKED or sid not in tier.sessions:

@@ -92,7 +92,8 @@ class WaitPlanning:
         wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == model and x.prefetch_wanted)
         standby = sum(c.reclaimable for c in self._standby(model) if c.id != getattr(planning, "id", None))
         return Room(free_blocks=tier.pool.free_count + self._incoming(model), wanted_blocks=wanted,
-                    reserve_blocks=self.policy.reserve_blocks(tier.pool.capacity), standby_blocks=int(standby))
+                    reserve_blocks=self.policy.reserve_blocks(tier.pool.capacity), standby_blocks=int(standby),
+                    turns_waiting=self.turns_waiting)
 
     def _standby(self, model: str) -> list:
         """Candidates the policy may park ahead of need (away for long, idle, on the device)."""

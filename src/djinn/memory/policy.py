@@ -18,7 +18,7 @@ Policies (``--policy``):
     the pager measured (a configured default until it has measured any), plus a margin for the
     prefetch to start early. Parking frees the memory only between the end of the park and the
     start of the prefetch, so a wait shorter than that break-even gains nothing from parking;
-  * the memory is *needed* when a prefetch waits for room, or when the device pool's free
+  * the memory is *needed* when a prefetch or a request waits for room, or when the device pool's free
     blocks (counting copies in flight) are below its reserve (``Room.reserve_blocks``, a share
     of the pool kept free so that arrivals never wait for an eviction) and parking the
     sessions that are away for long would not make that up;
@@ -121,6 +121,7 @@ class Room:
     wanted_blocks: int = 0             # blocks that prefetches are waiting for right now
     reserve_blocks: int = 0            # free blocks the pool keeps for arrivals (semantic's low-water mark)
     standby_blocks: int = 0            # blocks that reclaiming other standby sessions would free
+    turns_waiting: int = 0             # requests queued for device room right now
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,8 @@ class Semantic(Policy):
         return int(capacity * self.reserve)
 
     def memory_needed(self, room: Room) -> bool:
-        return room.wanted_blocks > 0 or room.free_blocks + room.standby_blocks < room.reserve_blocks
+        return room.wanted_blocks > 0 or room.turns_waiting > 0 or \
+            room.free_blocks + room.standby_blocks < room.reserve_blocks
 
     def plan_wait(self, c: Candidate, room: Room, rates: CopyRates) -> WaitPlan:
         est = c.wait
@@ -326,7 +328,8 @@ class Semantic(Policy):
         if kind == "prefetch" and c.state in (KVState.PARKING, KVState.PARKED):
             # a prediction never takes room someone needs: not while a prefetch waits for room
             # (a park in flight may be the room a request waits for), and only into free blocks
-            if room.wanted_blocks > 0 or (c.state is KVState.PARKED and room.free_blocks < c.host_blocks):
+            if room.wanted_blocks > 0 or room.turns_waiting > 0 or \
+                    (c.state is KVState.PARKED and room.free_blocks < c.host_blocks):
                 return Action.NONE
             return Action.PREFETCH
         if kind == "recheck" and (c.state is KVState.RESTORING or (c.state is KVState.DEVICE and c.blocks)):
