@@ -7,7 +7,6 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from djinn.config import Config, EngineConfig, MemoryConfig, ServerConfig, default_home, parse_size
 from djinn.errors import DjinnError
@@ -60,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded demo (server and client in this process)")
     demo.add_argument("--model", default=None, help="model to use (default: smollm2-135m if pulled, else tiny-llama)")
     _engine_args(demo)
+    # the demo shows a park and a restore: every IO_WAIT parks (the server's default, semantic,
+    # parks only when the memory is needed, which it is not in the demo's roomy pool)
+    demo.set_defaults(policy="semantic-park")
 
     serve = sub.add_parser("serve", help="serve models to remote clients")
     serve.add_argument("--model", action="append", required=True, help="model to load (repeatable)")

@@ -81,8 +81,11 @@ def run_demo(config: Config, model: str | None = None) -> int:
 
     # 4-5. session A calls a tool: its KV goes to host memory while B keeps computing
     a.signal_phase("IO_WAIT")
-    console.print(f"\n[bold cyan]Session {a.id[:8]} calls a tool[/] and signals IO_WAIT: its KV is copied to host "
-                  f"memory in the background (right after the signal: [bold]{a.info()['kv_location']}[/])")
+    policy = client.stats()["policy"]
+    why = {"semantic-park": "every IO_WAIT parks (the default, semantic, parks only when the memory is needed)",
+           "semantic": "it parks a long wait only when the memory is needed"}.get(policy, "")
+    console.print(f"\n[bold cyan]Session {a.id[:8]} calls a tool[/] and signals IO_WAIT; policy {policy}"
+                  + (f": {why}" if why else "") + f" (right after the signal its KV is: [bold]{a.info()['kv_location']}[/])")
     q4 = "Name a fruit that is yellow."
     show("4. B works while A's tool runs", b, b.generate(q4, max_new_tokens=24), q4)
     info = _settled(a)
