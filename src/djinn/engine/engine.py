@@ -324,6 +324,8 @@ class Engine:
 
     def _close_all(self) -> None:
         waiting, self._deferred = self._deferred, collections.deque()
+        if waiting:                               # (only an engine with a model has queued turns)
+            self.residency.turns_waiting = 0
         for _start, out, _submitted in waiting:
             out.set_exception(Cancelled("the engine is shutting down"))
         for sid in list(self.sessions):

@@ -120,15 +120,9 @@ class KVMoves:
         if s.busy or s.phase is Phase.PAUSED:   # a paused forward's KV cannot be recomputed
             return
         self._cancel(s)
-        tier = self.tiers[s.model]
         if not s.block_table and not s.host_table and s.num_cached == 0:
             return
-        if s.block_table:
-            tier.pool.release(s.block_table)
-        if s.host_table:
-            tier.arena.release(s.host_table)
-        s.block_table.clear()
-        s.host_table.clear()
+        self._free_kv(s)
         if s.num_cached:
             s.rebuild_to = s.num_cached       # the engine recomputes this prefix before the next forward
         s.num_cached = 0
@@ -136,6 +130,16 @@ class KVMoves:
         s.kv_state = KVState.DROPPED
         s.prefetch_wanted = False
         self.counters["dropped"] += 1
+
+    def _free_kv(self, s: Session) -> None:
+        """Free every block ``s`` holds on both tiers (a copy in flight must be called off first)."""
+        tier = self.tiers[s.model]
+        if s.block_table:
+            tier.pool.release(s.block_table)
+        if s.host_table:
+            tier.arena.release(s.host_table)
+        s.block_table.clear()
+        s.host_table.clear()
 
     def _cancel(self, s: Session) -> None:
         """Give up ``s``'s copy in flight: it keeps its source; the destination is freed when the

@@ -129,18 +129,12 @@ class Residency(WaitPlanning, KVMoves):
         """Forget a closing session and free all it holds (a copy in flight frees its
         destination when it completes)."""
         with self.lock:
-            tier = self.tiers[s.model]
             self._cancel(s)
-            if s.block_table:
-                tier.pool.release(s.block_table)
-            if s.host_table:
-                tier.arena.release(s.host_table)
-            s.block_table.clear()
-            s.host_table.clear()
+            self._free_kv(s)
             s.num_cached = 0
             s.rebuild_to = 0
             s.kv_state = KVState.DEVICE
-            tier.sessions.pop(s.id, None)
+            self.tiers[s.model].sessions.pop(s.id, None)
 
     def truncate(self, s: Session, length: int) -> None:
         """Keep only the KV of the first ``length`` tokens, wherever it is (a copy in flight is

@@ -87,13 +87,16 @@ class WaitPlanning:
                 self._park(s, allow_drop=False)
                 self.decisions["late_park"] += 1
 
-    def _room_now(self, model: str, planning: Session | None = None) -> Room:
+    def _room_now(self, model: str, planning: Session) -> Room:
+        """The room of ``model``'s pool as the policy sees it while planning ``planning``'s wait
+        (the standby blocks are other sessions': only counted under a reserve, since that walks
+        every session)."""
         tier = self.tiers[model]
         wanted = sum(len(x.host_table) for x in self._wanted.values() if x.model == model and x.prefetch_wanted)
-        standby = sum(c.reclaimable for c in self._standby(model) if c.id != getattr(planning, "id", None))
+        reserve = self.policy.reserve_blocks(tier.pool.capacity)
+        standby = sum(c.reclaimable for c in self._standby(model) if c.id != planning.id) if reserve else 0
         return Room(free_blocks=tier.pool.free_count + self._incoming(model), wanted_blocks=wanted,
-                    reserve_blocks=self.policy.reserve_blocks(tier.pool.capacity), standby_blocks=int(standby),
-                    turns_waiting=self.turns_waiting)
+                    reserve_blocks=reserve, standby_blocks=int(standby), turns_waiting=self.turns_waiting)
 
     def _standby(self, model: str) -> list:
         """Candidates the policy may park ahead of need (away for long, idle, on the device)."""

@@ -313,8 +313,7 @@ class Semantic(Policy):
         remaining = est.mean_s - c.waited_s
         if remaining <= 0:
             return WaitPlan(Action.PARK, "overdue", **times)
-        if prefetch is not None and (remaining >= break_even or needed):
-            prefetch = max(prefetch, c.waited_s + park_s)     # not before a park now would end
+        prefetch = max(prefetch, c.waited_s + park_s)        # not before a park now would end
         if needed:
             return WaitPlan(Action.PARK, "memory_needed", prefetch_at_s=prefetch, **times)
         if remaining < break_even:
