@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from djinn.attention.base import AttentionBackend, AttentionMetadata, SeqSpan
 
@@ -23,6 +24,22 @@ def gather_context(cache: torch.Tensor, span: SeqSpan, block_size: int) -> torch
     return cache.index_select(0, idx).flatten(0, 1)[: span.total]
 
 
+# cuDNN attention is left out on CUDA. torch 2.11 picks it first on the H200 (and H100), and it
+# builds a graph per (query length, key length): the first call of each new shape took ~33 ms and
+# the first of each kernel 0.5-0.9 s in a fresh process, where the memory-efficient kernel took
+# 0.1-0.3 ms at any shape after one 12 ms first call (benchmarks/results/sdpa-first-call-cuda-
+# 20261126T0325.txt). A prefill chunk after a grown context is nearly always a new shape, so every
+# returning agent's turn paid it.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    with sdpa_kernel(_CUDA_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
     """``q`` [n, H, D] at positions ``start..start+n-1`` against ``k``/``v`` [start+n, Hkv, D]; -> [n, H, D]."""
     n, heads = q.shape[0], q.shape[1]
@@ -32,9 +49,9 @@ def attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, s
     vh = v.transpose(0, 1).unsqueeze(0)
     gqa = kv_heads != heads
     if n == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+        out = _sdpa(qh, kh, vh, scale=scale, enable_gqa=gqa)
     elif start == 0:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = _sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         # query i (position start+i) sees keys 0..start+i: causal aligned to the bottom right.
         # With a mask, repeat K/V heads as transformers' sdpa path does (same numerics).
@@ -43,7 +60,7 @@ def attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, s
             vh = vh.repeat_interleave(heads // kv_heads, dim=1)
         rows = torch.arange(n, device=q.device)[:, None] + start
         mask = torch.arange(start + n, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        out = _sdpa(qh, kh, vh, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 
