@@ -147,19 +147,54 @@ class Batcher:
 
     @torch.inference_mode()
     def warmup(self, rt) -> None:
-        """Capture every decode-graph bucket up to ``max_batch`` now (CUDA only; on the loop):
-        a lazily captured bucket costs the turn that first needs it a capture and, in a fresh
-        process, the Triton compiles."""
-        if rt.streamer is not None:       # streamed weights run eagerly, layer by layer
+        """Load every kernel the steps will use now (CUDA only; on the loop): capture every
+        decode-graph bucket up to ``max_batch`` (a lazily captured bucket costs the turn that
+        first needs it a capture and, in a fresh process, the Triton compiles), then run the
+        eager step shapes once (``warm_eager``)."""
+        if rt.streamer is not None or rt.device.type != "cuda":   # streamed weights run layer by layer
             return
         graphs = self._graphs_for(rt, 1)
-        if graphs is None:
-            return
+        if graphs is not None:
+            t = time.perf_counter()
+            sizes = tuple(b for b in graphs.buckets if b <= self.max_batch)
+            if self._capture(rt, graphs, sizes):
+                log.info("captured decode graphs of %s for batches %s in %.1f s", rt.name, sizes,
+                         time.perf_counter() - t)
+        self.warm_eager(rt)
+
+    @torch.inference_mode()
+    def warm_eager(self, rt) -> bool:
+        """One eager forward of each step shape the graphs do not cover, on scratch blocks that
+        are released after: prefill chunks from position 0 (causal SDPA) and after a cached
+        context (SDPA with a mask), each at an even and an odd length, and decode rows mixed with
+        a chunk. Why: the first call of a kernel in a process lands on whichever turn needs it
+        first; on the H200 (torch 2.11, CUDA 13) those of cuDNN's attention took 0.7-0.85 s each
+        (``attention/reference.py`` now leaves cuDNN out; the memory-efficient kernel's first call
+        took 12 ms). Returns False when the pool or the context window is too small for the
+        shapes (nothing is run then)."""
+        c = min(self.prefill_chunk_tokens, 512)
+        shapes = [(0, c), (0, 37), (c, c), (c + 5, 45)]                     # (start, new tokens)
+        mixed = [(100, 1), (200, 1), (301, 1), (400, 20)]
+        need = max(s + n for s, n in shapes + mixed)
+        bs = rt.pool.shape.block_size
+        blocks = -(-need // bs)
+        if need > rt.max_context or blocks > rt.pool.free_count:
+            log.info("eager warm-up of %s skipped: it needs %d tokens of context and %d free blocks",
+                     rt.name, need, blocks)
+            return False
         t = time.perf_counter()
-        sizes = tuple(b for b in graphs.buckets if b <= self.max_batch)
-        if self._capture(rt, graphs, sizes):
-            log.info("captured decode graphs of %s for batches %s in %.1f s", rt.name, sizes,
-                     time.perf_counter() - t)
+        table = rt.pool.allocate(blocks)
+        try:
+            for s, n in shapes:
+                forward_batch(rt.executor, rt.pool, [BatchItem(block_table=table, start=s, tokens=[0] * n)])
+            forward_batch(rt.executor, rt.pool, [BatchItem(block_table=table, start=s, tokens=[0] * n)
+                                                 for s, n in mixed])
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+        finally:
+            rt.pool.release(table)
+        log.info("eager warm-up of %s in %.1f s", rt.name, time.perf_counter() - t)
+        return True
 
     @torch.inference_mode()
     def step(self) -> None:
