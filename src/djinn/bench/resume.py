@@ -15,8 +15,10 @@ Depth part (a Llama-2-13B shape, 2,048 tokens, pauses after 1, 10, 20, 30, 40 la
 white-box (``sess.forward(ids, breakpoint=N)`` returning a ``Paused``); without it the JSON
 says "unavailable". Recompute: a fresh session's ``forward(ids, breakpoint=b-1)``, the time to
 get back to where the pause was. Djinn: two sessions paused at the same layer, one left alone
-and one signalled IO_WAIT and (if the server parks paused sessions) parked; both ``resume()``;
-the difference is the restore cost at that depth.
+and one signalled IO_WAIT and (if the server parks paused sessions) parked; both ``resume()``
+(the parked one timed from its ACTIVE signal, which starts the restore); the difference is the
+restore cost at that depth. On CUDA each timing waits for the device's queued work: a paused
+forward returns once its layers are queued.
 
 Only the public client API measures Djinn. Where the lines cross is computed and printed.
 """
@@ -232,7 +234,7 @@ def depth_part(args, device) -> dict:
         rows = []
         bar = _bar(len(layers), "resume: depth", not args.no_progress)
         for b in layers:
-            rows.append(_depth_row(m, ids, b, args.repeat, args.park_timeout_s))
+            rows.append(_depth_row(m, ids, b, args.repeat, args.park_timeout_s, _syncer(device)))
             bar.update(1)
         bar.close()
     finally:
@@ -247,16 +249,27 @@ def depth_part(args, device) -> dict:
             "rows": rows, "skipped_layers": [b for b in args.layers if b not in xs]}
 
 
-def _depth_row(m, ids: list[int], layers: int, repeat: int, park_timeout: float) -> dict:
+def _syncer(device):
+    """Waits for the device's queued work: a paused forward returns once its layers are queued,
+    not run (the embedded engine shares this process's CUDA context, so this waits for them)."""
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _depth_row(m, ids: list[int], layers: int, repeat: int, park_timeout: float, sync=lambda: None) -> dict:
     bp = layers - 1
     recompute, resident, parked_ms, parked_flags, notes = [], [], [], [], set()
     for _ in range(repeat + 1):
         s = m.session()
+        sync()
         t = time.perf_counter()
         p = s.forward(ids, breakpoint=bp)
+        sync()
         recompute.append((time.perf_counter() - t) * 1e3)
         t = time.perf_counter()
         p.resume()
+        sync()
         resident.append((time.perf_counter() - t) * 1e3)
         s.close()
         s = m.session()
@@ -267,11 +280,16 @@ def _depth_row(m, ids: list[int], layers: int, repeat: int, park_timeout: float)
             parked, _, _ = wait_parked(s, park_timeout)
             if not parked:
                 park_timeout = min(park_timeout, 0.2)
-            s.signal_phase("ACTIVE")
         except djinn.DjinnError as exc:
             notes.add(f"IO_WAIT on a paused session refused: {type(exc).__name__}: {exc}")
-        t = time.perf_counter()
+        sync()
+        t = time.perf_counter()     # from ACTIVE (which starts the restore) to the resumed forward's end
+        try:
+            s.signal_phase("ACTIVE")
+        except djinn.DjinnError as exc:
+            notes.add(f"ACTIVE on a paused session refused: {type(exc).__name__}: {exc}")
         p.resume()
+        sync()
         parked_ms.append((time.perf_counter() - t) * 1e3)
         parked_flags.append(parked)
         s.close()
