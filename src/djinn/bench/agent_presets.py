@@ -9,6 +9,12 @@ Every field can be overridden on the command line; the resolved values go into t
   that keeping every agent resident runs out; host memory is generous. ``time_scale`` 0.25
   compresses arrival gaps and tool times by 4 (stated in the JSON with the resulting ratio of
   tool time to compute time) so a policy's sweep fits in one 10-minute command.
+- ``dense``: the ``seeds`` shapes and budgets with agents that overlap, so that N is the
+  number of agents live at once rather than the length of the run. At 0.2/s and 4 turns the
+  live count stays near 15 whatever N is (an agent lives ~4 tool times), so no policy's cliff
+  shows; here 10 turns each and arrivals at 0.5/s (5/s as run, x0.1) keep up to ~90 live. Full
+  contexts reach ~1.8K tokens (0.9 GiB), so beyond ~60 live agents the 48 GiB host tier fills
+  as well and policies must also choose what to drop.
 - ``tools``: tool times 0.1, 1, 10 and 30 s (one sub-sweep each) with contexts growing over 8
   turns, so keeping (short tools), parking (long tools, host room) and dropping each have a
   regime where they win; N in {4, 8} at a budget where 4 agents fit and 8 do not. Tool times
@@ -75,6 +81,13 @@ PRESETS: dict[str, AgentsPreset] = {
         tools=("uniform:10,20",), n=(8, 16, 32, 48, 64, 80), until_fail=True, max_n=160, time_scale=0.25,
         gpu_memory="20GiB", host_memory="48GiB",
         notes=("arrival gaps and tool times x time_scale; compute is not scaled",)),
+    "dense": AgentsPreset(
+        name="dense", model="llama2-7b", prompt_tokens=1024, context_tokens=64, new_tokens=16, turns=10, rate=0.5,
+        tools=("uniform:10,20",), n=(32, 64, 96, 128), until_fail=True, max_n=200, time_scale=0.1,
+        gpu_memory="20GiB", host_memory="48GiB",
+        notes=("the seeds shapes with agents that overlap: 10 turns each and arrivals at 0.5/s, so the number of "
+               "live agents grows with N (at 0.2/s and 4 turns it stays near 15 whatever N is)",
+               "arrival gaps and tool times x time_scale; compute is not scaled",)),
     "tools": AgentsPreset(
         name="tools", model="llama2-7b", prompt_tokens=256, context_tokens=384, new_tokens=16, turns=8, rate=1.0,
         tools=("fixed:0.1", "fixed:1", "fixed:10", "fixed:30"), n=(4, 8), until_fail=False, time_scale=0.25,
