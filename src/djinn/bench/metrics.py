@@ -88,14 +88,15 @@ class GcPauses:
     coincides with one is the collector's, not the policy's."""
 
     def __init__(self, slow_s: float = 0.05):
-        self.slow_s, self.pauses, self._t = slow_s, [], 0.0
+        self.slow_s, self.pauses, self._t = slow_s, [], None
         self._t0 = time.perf_counter()
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._t = time.perf_counter()
-        else:
+        elif self._t is not None:   # a collection already running when we started listening has no start
             self.pauses.append((self._t - self._t0, time.perf_counter() - self._t, info.get("generation")))
+            self._t = None
 
     def __enter__(self) -> "GcPauses":
         gc.callbacks.append(self._callback)
