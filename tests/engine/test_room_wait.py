@@ -89,3 +89,49 @@ def test_waiting_turns_take_the_room_in_turn_and_restore_each_session_about_once
         assert eng.stats()["swaps"]["in"] - restored <= 2 * 8
     finally:
         eng.shutdown()
+
+
+def test_a_turn_waiting_for_its_restore_does_not_hold_the_loop(tiny_llama):
+    """A's KV is parked and its restore cannot finish (the host-to-device copy thread is held
+    by a gate): A's next turn waits aside (``CopyPending``) while B's turn, submitted after it,
+    runs to the end; once the copy goes through, A gets transformers' own tokens and its
+    restore time includes the wait. (Before, the loop waited for A's copy and B waited too.)"""
+    import threading
+    import time
+
+    from djinn.memory.pager import IN, Transfer
+
+    g = random.Random(5)
+    p1, p2, pb = ([g.randrange(5, 250) for _ in range(n)] for n in (40, 12, 30))
+    want1 = hf_greedy(tiny_llama.model, p1, 10)
+    want2 = hf_greedy(tiny_llama.model, p1 + want1 + p2, 10)
+    want_b = hf_greedy(tiny_llama.model, pb, 10)
+    eng = Engine({"m": tiny_llama}, EngineConfig(memory=MemoryConfig(kv_blocks=40, host_blocks=64,
+                                                                     policy="semantic-park")))
+
+    class Gate:                       # a "copy" that returns when the test says so
+        released = threading.Event()
+
+        def copy_(self, src):
+            self.released.wait(60)
+
+    try:
+        a = eng.open_session("m")
+        assert eng.generate(a, GenerateRequest(p1, greedy(10))).token_ids == want1
+        eng.signal_phase(a, "IO_WAIT")
+        eng.residency.wait_idle()
+        assert eng.session_info(a)["kv_location"] == "host"
+        eng.residency.pager._queues[IN].put((Transfer(direction=IN, nbytes=0, nblocks=0, ncopies=1, t_submitted=0.0), [(Gate(), None)]))
+        held = time.perf_counter()
+        fa = eng.submit_generate(a, GenerateRequest(p2, greedy(10)))
+        b = eng.open_session("m")
+        assert eng.submit_generate(b, GenerateRequest(pb, greedy(10))).result(timeout=60).token_ids == want_b
+        assert not fa.done()
+        time.sleep(0.2)
+        Gate.released.set()
+        ra = fa.result(timeout=60)
+        assert ra.token_ids == want2
+        assert ra.timings["restore_ms"] >= 150 and ra.timings["restore_ms"] <= (time.perf_counter() - held) * 1e3
+    finally:
+        Gate.released.set()
+        eng.shutdown()

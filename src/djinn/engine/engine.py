@@ -23,7 +23,7 @@ from djinn.engine.chat import turn_text
 from djinn.engine.fork import fork_session
 from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
-from djinn.engine.residency import Residency, RoomHeld
+from djinn.engine.residency import CopyPending, Residency, RoomHeld
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler, stop_check
 from djinn.engine.session import Phase, Session
@@ -79,6 +79,7 @@ class Engine:
         # (after a batch step in which a turn ended), and while any waits, new turns queue behind
         # it: were each retried, each would evict the KV the one before it just restored.
         self._deferred: collections.deque = collections.deque()
+        self._copying: list = []     # (transfer, start, out, submitted): turns set aside for their restore
         self._retry_mark = -1
         self.loop.set_stepper(self._has_work, self._step)
         # persistence hooks (server/journal.py), called on the loop: after a turn commits or a
@@ -130,18 +131,29 @@ class Engine:
         also when called on the loop thread (the servers' gateways do that)."""
         submitted = time.perf_counter()
         out: Future = Future()
+        copy = {"since": None, "waited_s": 0.0}   # time spent aside while its KV was copied
 
         def start(retry: bool = False) -> None:
             if not retry and self._deferred:      # others wait for room: behind them
                 self._wait_for_room(start, out, submitted, head=False)
                 return
+            if copy["since"] is not None:
+                copy["waited_s"] += time.perf_counter() - copy["since"]
+                copy["since"] = None
             try:
-                r = self._generate(session_id, request, owner, submitted)
+                r = self._generate(session_id, request, owner, submitted, copy_wait_s=copy["waited_s"])
+            except CopyPending as exc:            # its restore runs: start again when it is done
+                self._admitting(session_id, True)
+                copy["since"] = time.perf_counter()
+                self._copying.append((exc.transfer, start, out, submitted))
+                return
             except RoomHeld as exc:
+                self._admitting(session_id, False)
                 if not self._defer(start, out, submitted, head=retry):
                     out.set_exception(exc)
                 return
             except BaseException as exc:
+                self._admitting(session_id, False)
                 out.set_exception(exc)
                 return
             if isinstance(r, Future):
@@ -158,11 +170,12 @@ class Engine:
 
     # ---- the loop's background work: batch steps, and turns waiting for room ------------
     def _has_work(self) -> bool:
-        return self.batcher.has_work() or bool(self._deferred)
+        return self.batcher.has_work() or bool(self._deferred) or bool(self._copying)
 
     def _step(self) -> None:
         if self.batcher.has_work():
             self.batcher.step()
+        self._start_copied()
         # retry the waiting turns in order once a turn ended (its blocks may be evicted now), or
         # at once when nothing runs any more (then the head succeeds or fails for good); stop at
         # the first that must wait again
@@ -176,11 +189,33 @@ class Engine:
                     break
             self.residency.turns_waiting = len(self._deferred)
 
+    def _admitting(self, session_id: str, on: bool) -> None:
+        """Keep a session whose turn waits for its restore where it is (no policy moves it), or stop."""
+        s = self.sessions.get(session_id)
+        if s is not None and s.admitting != on:
+            with self.residency.lock:
+                s.admitting = on
+
+    def _start_copied(self) -> None:
+        """Start again, in arrival order, the turns whose restore is done. With nothing else
+        to run, wait for the oldest copy here (briefly: a new request may come meanwhile)
+        rather than spin."""
+        if not self._copying:
+            return
+        if not self.batcher.has_work() and not any(c[0].done() for c in self._copying):
+            self._copying[0][0].wait_for(0.002)
+        # each stays listed until it starts: a turn deferred meanwhile for room (RoomHeld) must
+        # see that these sessions hold room about to run, not room that nothing will free
+        for c in [c for c in self._copying if c[0].done()]:
+            self._copying.remove(c)
+            c[1](retry=True)
+
     def _defer(self, start, out: Future, submitted: float, head: bool) -> bool:
         """Keep a turn that found its room held by running turns (``RoomHeld``) for a retry
         after a batch step. False when waiting cannot help (nothing runs) or it waited
         ``EngineConfig.room_wait_s`` already: the caller fails it with the ``CapacityError``."""
-        if not self.batcher.has_work() or time.perf_counter() - submitted > self.config.room_wait_s:
+        nothing_runs = not self.batcher.has_work() and not self._copying
+        if nothing_runs or time.perf_counter() - submitted > self.config.room_wait_s:
             return False
         self._wait_for_room(start, out, submitted, head)
         return True
@@ -326,7 +361,8 @@ class Engine:
         waiting, self._deferred = self._deferred, collections.deque()
         if waiting:                               # (only an engine with a model has queued turns)
             self.residency.turns_waiting = 0
-        for _start, out, _submitted in waiting:
+        copying, self._copying = self._copying, []
+        for out in [w[1] for w in waiting] + [c[2] for c in copying]:
             out.set_exception(Cancelled("the engine is shutting down"))
         for sid in list(self.sessions):
             self._close_session(sid, self.sessions[sid].owner)
@@ -357,7 +393,10 @@ class Engine:
         return list(prompt), []
 
     def _generate(self, session_id: str, req: GenerateRequest, owner: str | None, submitted: float,
-                  batch: bool = True) -> GenerateResult | Future:
+                  batch: bool = True, copy_wait_s: float = 0.0) -> GenerateResult | Future:
+        """Run a turn (``batch``: hand it to the batcher). A batched turn whose KV is being
+        restored raises ``CopyPending`` (``submit_generate`` starts it again when the copy is
+        done, ``copy_wait_s`` later in all) instead of holding the loop meanwhile."""
         started = time.perf_counter()
         s = self._session(session_id, owner)
         if s.phase is Phase.PAUSED:
@@ -374,8 +413,9 @@ class Engine:
                 f"{rt.max_context}; start a new session or shorten the prompt"
             )
         # bring the KV back (restore or recompute) ...
-        memory = self.residency.begin_turn(s, len(s.tokens))
-        memory["queue_ms"] = (started - submitted) * 1e3
+        memory = self.residency.begin_turn(s, len(s.tokens), wait=not batch)
+        memory["queue_ms"] = (started - submitted - copy_wait_s) * 1e3
+        memory["restore_ms"] += copy_wait_s * 1e3
         self._rebuild(s, rt, memory)
         turn = _Turn(s, rt, new, new_msgs, s.num_cached, len(s.tokens), time.perf_counter(), submitted, memory)
         s.tokens.extend(new)

@@ -80,6 +80,16 @@ class RoomHeld(CapacityError):
     to end (``Engine`` retries it after a batch step) instead of failing."""
 
 
+class CopyPending(RoomHeld):
+    """The turn's KV is being restored. Raised instead of waiting when the caller asked not to
+    wait (``wait=False``): the engine keeps the turn aside and starts it again once ``transfer``
+    is done, stepping the other turns meanwhile, instead of holding the loop for the copy."""
+
+    def __init__(self, transfer: Transfer):
+        super().__init__("waiting for a copy of KV in flight")
+        self.transfer = transfer
+
+
 class Residency(WaitPlanning, KVMoves):
     def __init__(self, config: MemoryConfig, device: torch.device, prefix_sharing: bool = True):
         self.config = config
@@ -220,10 +230,12 @@ class Residency(WaitPlanning, KVMoves):
             self._prefetch(s)
 
     # ---- turns (engine loop) ----------------------------------------------------------
-    def begin_turn(self, s: Session, tokens: int, activate: bool = True) -> dict:
+    def begin_turn(self, s: Session, tokens: int, activate: bool = True, wait: bool = True) -> dict:
         """Mark ``s`` busy, bring its KV to the device and reserve blocks for ``tokens`` tokens.
         ``activate``: a generate request means the client is back, so an ``IO_WAIT`` session
-        becomes ``ACTIVE``; a white-box forward leaves the phase as it was.
+        becomes ``ACTIVE``; a white-box forward leaves the phase as it was. ``wait=False``: raise
+        ``CopyPending`` rather than wait for the session's restore (the session is then
+        ``admitting``: no policy moves it until the turn starts again).
 
         Returns the memory timings of the turn. On error the session is left as it was (not
         busy; its KV wherever it was) and the error is a ``CapacityError``.
@@ -232,15 +244,17 @@ class Residency(WaitPlanning, KVMoves):
             if s.busy:
                 raise InvalidRequest("a turn is already running on this session")
             s.busy = True
+            s.admitting = False
             if activate and s.phase is Phase.IO_WAIT:
                 self._set_phase(s, Phase.ACTIVE)
         t0 = time.perf_counter()
         try:
-            source, room_s = self.ensure_resident(s)
+            source, room_s = self.ensure_resident(s, wait)
             room_s += self.grow(s, tokens)
-        except BaseException:
+        except BaseException as exc:
             with self.lock:
                 s.busy = False
+                s.admitting = isinstance(exc, CopyPending)
             raise
         return {"restore_ms": (time.perf_counter() - t0) * 1e3, "make_room_ms": room_s * 1e3, "kv_from": source}
 
@@ -296,10 +310,12 @@ class Residency(WaitPlanning, KVMoves):
         return time.perf_counter() - t0
 
     # ---- the step-scheduler API -------------------------------------------------------
-    def ensure_resident(self, s: Session) -> tuple[str, float]:
+    def ensure_resident(self, s: Session, wait: bool = True) -> tuple[str, float]:
         """Bring ``s``'s KV to the device, waiting only for its own restore (and for room it
-        needs). Returns where the KV came from (``device`` | ``host`` | ``recompute``) and the
-        seconds spent waiting for room."""
+        needs); with ``wait=False`` raise ``CopyPending`` instead of waiting for its restore (room
+        is still waited for: a turn set aside after evicting for its room could see the room go
+        to another turn, and the two would evict each other's KV in turn). Returns where the KV
+        came from (``device`` | ``host`` | ``recompute``) and the seconds spent waiting for room."""
         source, room_s = "device", 0.0
         while True:
             for_room = False
@@ -326,6 +342,8 @@ class Residency(WaitPlanning, KVMoves):
                         for_room = True
                 else:  # RESTORING
                     waiter = s.move.transfer
+            if not wait and not for_room:
+                raise CopyPending(waiter)
             t = time.perf_counter()
             waiter.wait()
             if for_room:
@@ -496,18 +514,22 @@ class Residency(WaitPlanning, KVMoves):
         short = need - pool.free_count - incoming
         if short > 0:
             cands = [self._candidate(x) for x in tier.sessions.values()
-                     if x.id not in protect and not x.busy and x.kv_state is KVState.DEVICE and x.block_table]
+                     if x.id not in protect and not x.busy and not x.admitting and x.kv_state is KVState.DEVICE
+                     and x.block_table]
             self._credit_shared(tier, cands)
             plan = self.policy.victims(cands, short, tier.arena.free_count)
             if plan is None and self.policy.moves_kv:
                 # sessions being restored (prefetched) become evictable when their copy lands
                 restoring = [m for m in self.moves if m.model == model and m.kind == IN and not m.cancelled
-                             and m.session.id not in protect and not m.session.busy]
+                             and m.session.id not in protect and not m.session.busy and not m.session.admitting]
                 if restoring and sum(c.reclaimable for c in cands) + sum(len(m.device_blocks) for m in restoring) >= short:
                     return restoring[0].transfer
             if plan is None and self.policy.moves_kv:
                 # blocks of running turns become evictable when the turn ends: worth waiting for
-                held = sum(len(x.block_table) for x in tier.sessions.values() if x.busy and x.id not in protect)
+                # (a turn set aside for its restore holds the copy's blocks: they are not in its
+                # table until the copy is settled)
+                held = sum(len(x.block_table) + (len(x.move.device_blocks) if x.admitting and x.move else 0)
+                           for x in tier.sessions.values() if (x.busy or x.admitting) and x.id not in protect)
                 if held and sum(c.reclaimable for c in cands) + held >= short:
                     raise RoomHeld(
                         f"no room for {need} KV blocks on {pool.device} now: running turns hold {held}; "

@@ -50,6 +50,7 @@ class Session:
     host_table: list[int] = field(default_factory=list)   # host arena blocks while parked
     kv_epoch: int = 0                                     # bumped whenever block_table's blocks change place
     busy: bool = False                                    # a turn is running: never moved meanwhile
+    admitting: bool = False                               # a turn waits for this session's copies: never moved
     phase_since: float = field(default_factory=time.monotonic)
     wait_ema: float | None = None                         # its IO_WAITs' weighted mean length (s)
     wait_dev: float | None = None                         # ... and their weighted mean deviation (s)

@@ -84,6 +84,18 @@ class Transfer:
             self.done()
         self._event.wait()
 
+    def wait_for(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for this copy; True if it finished. (A CUDA event
+        cannot be waited on with a timeout: it is polled every 0.2 ms.)"""
+        if self._cuda_end is None:
+            return self._event.wait(timeout)
+        deadline = time.perf_counter() + timeout
+        while not self.done():
+            if time.perf_counter() >= deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
     @property
     def copy_seconds(self) -> float:
         """How long the copies themselves took (CUDA: measured on the stream by events)."""
