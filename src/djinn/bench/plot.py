@@ -45,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load(directory: Path) -> tuple[dict[str, dict], dict | None]:
-    """(agents runs merged by preset, the newest resume record)."""
+    """(agents runs merged by preset, the resume parts: each from the newest record that has it)."""
     agents: dict[str, dict] = {}
-    resume = None
+    parts: dict[str, tuple[str, Any, str]] = {}     # part -> (date, data, device)
     for path in sorted(directory.glob("*.json")):
         try:
             rec = json.loads(path.read_text())
@@ -66,10 +66,17 @@ def load(directory: Path) -> tuple[dict[str, dict], dict | None]:
                     slot["runs"][key] = (rec["date"], run)
             if rec["date"] >= slot["date"]:
                 slot["params"], slot["date"] = rec["params"], rec["date"]
-        elif rec.get("bench") == "resume" and (resume is None or rec["date"] >= resume["date"]):
-            resume = rec
+        elif rec.get("bench") == "resume":
+            for part, data in rec["results"].items():
+                if part not in parts or rec["date"] >= parts[part][0]:
+                    parts[part] = (rec["date"], data, rec.get("device", "?"))
     for slot in agents.values():
         slot["runs"] = [r for _, r in slot["runs"].values()]
+    resume = None
+    if parts:
+        devices = sorted({d for _, _, d in parts.values()})
+        resume = {"results": {k: v[1] for k, v in parts.items()}, "device": " / ".join(devices),
+                  "date": max(v[0] for v in parts.values())}
     return agents, resume
 
 
