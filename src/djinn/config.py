@@ -85,8 +85,9 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512    # prompt tokens per step, shared by all prefilling turns
     max_batch: int = 64                # sequences per step
     cuda_graphs: bool = True           # replay captured decode steps on CUDA
-    warmup: bool = True                # on CUDA, capture every decode-graph bucket when a model loads,
-                                       # so the first requests do not pay for it
+    warmup: bool = True                # on CUDA, capture every decode-graph bucket and run each eager
+                                       # step shape once when a model loads, so the first requests do
+                                       # not pay for kernels' first use
     prefix_sharing: bool = True        # store identical full KV blocks of one owner once (memory/prefix.py)
     room_wait_s: float = 30.0          # a turn whose KV room is held by running turns waits this long
                                        # for them to end before failing with CapacityError
