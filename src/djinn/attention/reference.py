@@ -10,6 +10,8 @@ attention's own compute dominates.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,14 +32,12 @@ def gather_context(cache: torch.Tensor, span: SeqSpan, block_size: int) -> torch
 # 0.1-0.3 ms at any shape after one 12 ms first call (benchmarks/results/sdpa-first-call-cuda-
 # 20261126T0325.txt). A prefill chunk after a grown context is nearly always a new shape, so every
 # returning agent's turn paid it.
+# Entering the choice costs ~13 us, so it is entered once per layer's spans, not per SDPA call.
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    with sdpa_kernel(_CUDA_SDPA):
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+def _sdpa_choice(t: torch.Tensor):
+    return sdpa_kernel(_CUDA_SDPA) if t.is_cuda else contextlib.nullcontext()
 
 
 def attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
@@ -49,9 +49,9 @@ def attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, s
     vh = v.transpose(0, 1).unsqueeze(0)
     gqa = kv_heads != heads
     if n == 1:
-        out = _sdpa(qh, kh, vh, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     elif start == 0:
-        out = _sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         # query i (position start+i) sees keys 0..start+i: causal aligned to the bottom right.
         # With a mask, repeat K/V heads as transformers' sdpa path does (same numerics).
@@ -60,17 +60,18 @@ def attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, s
             vh = vh.repeat_interleave(heads // kv_heads, dim=1)
         rows = torch.arange(n, device=q.device)[:, None] + start
         mask = torch.arange(start + n, device=q.device)[None, :] <= rows
-        out = _sdpa(qh, kh, vh, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 
 def attend_spans(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spans: list[SeqSpan],
                  rows: list[int], block_size: int, scale: float, out: torch.Tensor) -> None:
     """Reference attention for the sequences ``spans`` whose first query row is ``rows[i]``."""
-    for span, row in zip(spans, rows):
-        k = gather_context(k_cache, span, block_size)
-        v = gather_context(v_cache, span, block_size)
-        out[row:row + span.new] = attend_span(q[row:row + span.new], k, v, span.start, scale).to(out.dtype)
+    with _sdpa_choice(q):
+        for span, row in zip(spans, rows):
+            k = gather_context(k_cache, span, block_size)
+            v = gather_context(v_cache, span, block_size)
+            out[row:row + span.new] = attend_span(q[row:row + span.new], k, v, span.start, scale).to(out.dtype)
 
 
 class ReferenceBackend(AttentionBackend):
