@@ -66,6 +66,7 @@ def test_dropped_kv_is_rebuilt_by_recompute_to_the_same_tokens(tiny_llama):
             out = eng.generate(sid, GenerateRequest(prompt, greedy(7)))
             if turn > 0:
                 assert out.cached_tokens == 0 and out.computed_tokens == len(history) + len(prompt) + 6
+                assert out.timings["recompute_ms"] > 0          # (in the turn's own batched prefill)
             history += prompt
             assert out.token_ids == hf_greedy(tiny_llama.model, history, 7), f"turn {turn}"
             history += out.token_ids

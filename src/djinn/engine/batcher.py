@@ -232,6 +232,9 @@ class Batcher:
         s = r.session
         s.num_cached += len(chunk)
         r.computed += len(chunk)
+        memory = r.turn.memory
+        if "rebuild_to" in memory and "recompute_ms" not in memory and s.num_cached >= memory["rebuild_to"]:
+            memory["recompute_ms"] = (time.perf_counter() - r.turn.started) * 1e3   # the dropped prefix is back
         if s.num_cached < len(s.tokens):
             return                        # more of the prompt to compute
         last = logits[-1:]
