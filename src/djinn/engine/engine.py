@@ -8,7 +8,6 @@ device) and wait for it. Methods whose name starts with ``_`` run on the loop. T
 
 from __future__ import annotations
 
-import collections
 import time
 import weakref
 from concurrent.futures import Future
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from djinn.config import EngineConfig
+from djinn.engine.admission import Admission
 from djinn.engine.batcher import Batcher
 from djinn.engine.cache import PagedCache
 from djinn.engine.chat import turn_text
@@ -60,7 +60,7 @@ class _Turn:
     memory: dict = field(default_factory=dict)   # queue_ms, restore_ms, make_room_ms (engine.residency)
 
 
-class Engine:
+class Engine(Admission):
     def __init__(self, models: dict | None = None, config: EngineConfig | None = None):
         """``models``: name -> djinn.models.LoadedModel, already on the engine's device.
         More can be added later with ``add_model``."""
@@ -74,13 +74,7 @@ class Engine:
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         c = self.config
         self.batcher = Batcher(self, c.prefill_chunk_tokens, c.max_batch, c.cuda_graphs)
-        # turns that found the device full of running turns' KV, waiting for one to end, first
-        # come first served: (start, its future, when it was submitted). Only the head retries
-        # (after a batch step in which a turn ended), and while any waits, new turns queue behind
-        # it: were each retried, each would evict the KV the one before it just restored.
-        self._deferred: collections.deque = collections.deque()
-        self._copying: list = []     # (transfer, start, out, submitted): turns set aside for their restore
-        self._retry_mark = -1
+        self._init_admission()
         self.loop.set_stepper(self._has_work, self._step)
         # persistence hooks (server/journal.py), called on the loop: after a turn commits or a
         # truncation, ``on_commit(session)``; after a close, ``on_close(session_id)``
@@ -167,65 +161,6 @@ class Engine:
         else:
             self.loop.submit(start)
         return out
-
-    # ---- the loop's background work: batch steps, and turns waiting for room ------------
-    def _has_work(self) -> bool:
-        return self.batcher.has_work() or bool(self._deferred) or bool(self._copying)
-
-    def _step(self) -> None:
-        if self.batcher.has_work():
-            self.batcher.step()
-        self._start_copied()
-        # retry the waiting turns in order once a turn ended (its blocks may be evicted now), or
-        # at once when nothing runs any more (then the head succeeds or fails for good); stop at
-        # the first that must wait again
-        if self._deferred and (self.residency.turns_ended != self._retry_mark or not self.batcher.has_work()):
-            self._retry_mark = self.residency.turns_ended
-            while self._deferred:
-                start, _out, _submitted = self._deferred.popleft()
-                waiting = len(self._deferred)
-                start(retry=True)
-                if len(self._deferred) > waiting:      # it went back to the head
-                    break
-            self.residency.turns_waiting = len(self._deferred)
-
-    def _admitting(self, session_id: str, on: bool) -> None:
-        """Keep a session whose turn waits for its restore where it is (no policy moves it), or stop."""
-        s = self.sessions.get(session_id)
-        if s is not None and s.admitting != on:
-            with self.residency.lock:
-                s.admitting = on
-
-    def _start_copied(self) -> None:
-        """Start again, in arrival order, the turns whose restore is done. With nothing else
-        to run, wait for the oldest copy here (briefly: a new request may come meanwhile)
-        rather than spin."""
-        if not self._copying:
-            return
-        if not self.batcher.has_work() and not any(c[0].done() for c in self._copying):
-            self._copying[0][0].wait_for(0.002)
-        # each stays listed until it starts: a turn deferred meanwhile for room (RoomHeld) must
-        # see that these sessions hold room about to run, not room that nothing will free
-        for c in [c for c in self._copying if c[0].done()]:
-            self._copying.remove(c)
-            c[1](retry=True)
-
-    def _defer(self, start, out: Future, submitted: float, head: bool) -> bool:
-        """Keep a turn that found its room held by running turns (``RoomHeld``) for a retry
-        after a batch step. False when waiting cannot help (nothing runs) or it waited
-        ``EngineConfig.room_wait_s`` already: the caller fails it with the ``CapacityError``."""
-        nothing_runs = not self.batcher.has_work() and not self._copying
-        if nothing_runs or time.perf_counter() - submitted > self.config.room_wait_s:
-            return False
-        self._wait_for_room(start, out, submitted, head)
-        return True
-
-    def _wait_for_room(self, start, out: Future, submitted: float, head: bool) -> None:
-        if head:
-            self._deferred.appendleft((start, out, submitted))
-        else:
-            self._deferred.append((start, out, submitted))
-        self.residency.turns_waiting = len(self._deferred)   # prefetches leave the room to them
 
     def close_session(self, session_id: str, owner: str | None = None) -> None:
         self.loop.call(self._close_session, session_id, owner)
@@ -358,12 +293,7 @@ class Engine:
             self.on_commit(s)
 
     def _close_all(self) -> None:
-        waiting, self._deferred = self._deferred, collections.deque()
-        if waiting:                               # (only an engine with a model has queued turns)
-            self.residency.turns_waiting = 0
-        copying, self._copying = self._copying, []
-        for out in [w[1] for w in waiting] + [c[2] for c in copying]:
-            out.set_exception(Cancelled("the engine is shutting down"))
+        self._cancel_waiting(Cancelled("the engine is shutting down"))
         for sid in list(self.sessions):
             self._close_session(sid, self.sessions[sid].owner)
 
