@@ -41,7 +41,7 @@ class KVMoves:
         if s.kv_state is KVState.RESTORING:
             self._cancel(s)                    # back to PARKED: the host copy is intact
             return
-        if s.kv_state is not KVState.DEVICE or not s.block_table or s.busy or s.admitting:
+        if s.kv_state is not KVState.DEVICE or not s.block_table or s.pinned:
             return
         tier = self.tiers[s.model]
         n = len(s.block_table)
@@ -117,7 +117,7 @@ class KVMoves:
             self._wanted[s.id] = s
 
     def _drop(self, s: Session) -> None:
-        if s.busy or s.admitting or s.phase is Phase.PAUSED:   # a paused forward's KV cannot be recomputed
+        if s.pinned or s.phase is Phase.PAUSED:   # a paused forward's KV cannot be recomputed
             return
         self._cancel(s)
         if not s.block_table and not s.host_table and s.num_cached == 0:

@@ -514,14 +514,13 @@ class Residency(WaitPlanning, KVMoves):
         short = need - pool.free_count - incoming
         if short > 0:
             cands = [self._candidate(x) for x in tier.sessions.values()
-                     if x.id not in protect and not x.busy and not x.admitting and x.kv_state is KVState.DEVICE
-                     and x.block_table]
+                     if x.id not in protect and not x.pinned and x.kv_state is KVState.DEVICE and x.block_table]
             self._credit_shared(tier, cands)
             plan = self.policy.victims(cands, short, tier.arena.free_count)
             if plan is None and self.policy.moves_kv:
                 # sessions being restored (prefetched) become evictable when their copy lands
                 restoring = [m for m in self.moves if m.model == model and m.kind == IN and not m.cancelled
-                             and m.session.id not in protect and not m.session.busy and not m.session.admitting]
+                             and m.session.id not in protect and not m.session.pinned]
                 if restoring and sum(c.reclaimable for c in cands) + sum(len(m.device_blocks) for m in restoring) >= short:
                     return restoring[0].transfer
             if plan is None and self.policy.moves_kv:
@@ -529,7 +528,7 @@ class Residency(WaitPlanning, KVMoves):
                 # (a turn set aside for its restore holds the copy's blocks: they are not in its
                 # table until the copy is settled)
                 held = sum(len(x.block_table) + (len(x.move.device_blocks) if x.admitting and x.move else 0)
-                           for x in tier.sessions.values() if (x.busy or x.admitting) and x.id not in protect)
+                           for x in tier.sessions.values() if x.pinned and x.id not in protect)
                 if held and sum(c.reclaimable for c in cands) + held >= short:
                     raise RoomHeld(
                         f"no room for {need} KV blocks on {pool.device} now: running turns hold {held}; "

@@ -50,7 +50,7 @@ class Session:
     host_table: list[int] = field(default_factory=list)   # host arena blocks while parked
     kv_epoch: int = 0                                     # bumped whenever block_table's blocks change place
     busy: bool = False                                    # a turn is running: never moved meanwhile
-    admitting: bool = False                               # a turn waits for this session's copies: never moved
+    admitting: bool = False                               # its turn waits for its restore (engine/admission.py)
     phase_since: float = field(default_factory=time.monotonic)
     wait_ema: float | None = None                         # its IO_WAITs' weighted mean length (s)
     wait_dev: float | None = None                         # ... and their weighted mean deviation (s)
@@ -61,6 +61,11 @@ class Session:
     kv_ready: object = field(default=None, repr=False)    # CUDA event: the last compute that wrote its KV
     kv_clean_to: int = 1 << 62                            # KV from this position on was computed with an
                                                           # intervention that changes K/V: never shared (memory.prefix)
+
+    @property
+    def pinned(self) -> bool:
+        """A turn runs on it or waits for its restore: no policy moves its KV meanwhile."""
+        return self.busy or self.admitting
 
     @property
     def closed(self) -> bool:

@@ -102,7 +102,7 @@ class WaitPlanning:
         """Candidates the policy may park ahead of need (away for long, idle, on the device)."""
         tier = self.tiers[model]
         cands = [self._candidate(x) for x in tier.sessions.values()
-                 if not x.busy and not x.admitting and x.kv_state is KVState.DEVICE and x.block_table]
+                 if not x.pinned and x.kv_state is KVState.DEVICE and x.block_table]
         return [c for c in cands if self.policy.reclaimable(c)]
 
     def _reclaim(self, model: str) -> None:
