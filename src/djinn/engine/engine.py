@@ -23,7 +23,8 @@ from djinn.engine.chat import turn_text
 from djinn.engine.fork import fork_session
 from djinn.engine.loop import EngineLoop
 from djinn.engine.requests import GenerateRequest, GenerateResult
-from djinn.engine.residency import CopyPending, Residency, RoomHeld
+from djinn.engine.residency import Residency
+from djinn.engine.room import CopyPending, RoomHeld
 from djinn.engine.runtime import ModelRuntime
 from djinn.engine.sampling import Sampler, stop_check
 from djinn.engine.session import Phase, Session
