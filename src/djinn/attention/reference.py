@@ -26,7 +26,7 @@ def gather_context(cache: torch.Tensor, span: SeqSpan, block_size: int) -> torch
     return cache.index_select(0, idx).flatten(0, 1)[: span.total]
 
 
-# cuDNN attention is left out on CUDA. torch 2.11 picks it first on the H200 (and H100), and it
+# cuDNN attention is left out on CUDA. torch 2.11 picked it first on the H200 (measured), and it
 # builds a graph per (query length, key length): the first call of each new shape took ~33 ms and
 # the first of each kernel 0.5-0.9 s in a fresh process, where the memory-efficient kernel took
 # 0.1-0.3 ms at any shape after one 12 ms first call (benchmarks/results/sdpa-first-call-cuda-

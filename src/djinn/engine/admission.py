@@ -47,13 +47,6 @@ class Admission:
                     break
             self.residency.turns_waiting = len(self._deferred)
 
-    def _admitting(self, session_id: str, on: bool) -> None:
-        """Keep a session whose turn waits for its restore where it is (no policy moves it), or stop."""
-        s = self.sessions.get(session_id)
-        if s is not None and s.admitting != on:
-            with self.residency.lock:
-                s.admitting = on
-
     def _start_copied(self) -> None:
         """Start again, in arrival order, the turns whose restore is done. With nothing else
         to run, wait for the oldest copy here (briefly: a new request may come meanwhile)

@@ -137,18 +137,15 @@ class Engine(Admission):
                 copy["since"] = None
             try:
                 r = self._generate(session_id, request, owner, submitted, copy_wait_s=copy["waited_s"])
-            except CopyPending as exc:            # its restore runs: start again when it is done
-                self._admitting(session_id, True)
-                copy["since"] = time.perf_counter()
+            except CopyPending as exc:            # its restore runs; begin_turn left the session
+                copy["since"] = time.perf_counter()     # admitting: start again when the copy is done
                 self._copying.append((exc.transfer, start, out, submitted))
                 return
             except RoomHeld as exc:
-                self._admitting(session_id, False)
                 if not self._defer(start, out, submitted, head=retry):
                     out.set_exception(exc)
                 return
             except BaseException as exc:
-                self._admitting(session_id, False)
                 out.set_exception(exc)
                 return
             if isinstance(r, Future):
