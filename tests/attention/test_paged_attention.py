@@ -59,6 +59,7 @@ def naive(q, kc, vc, spans, scale):
 
 MIXED = [(0, 1), (15, 1), (16, 1), (40, 1), (0, 9), (20, 7), (47, 1), (5, 16)]
 DECODE = [(0, 1), (15, 1), (16, 1), (31, 1), (32, 1), (100, 1), (7, 1)]
+CHUNKS = [(0, 40), (20, 70), (5, 17), (100, 33)]     # past SMALL_CHUNK: the prefill kernel
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (4, 4, 32), (8, 1, 64)])
@@ -76,7 +77,15 @@ def interpreted_checks() -> None:
         q, kc, vc, meta = make_case(heads, kv_heads, dim, DECODE, seed=splits)
         out = tp.paged_decode(q, kc, vc, meta.block_tables, meta.token_seq, meta.kv_lens, 0.25, num_splits=splits)
         torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
-    q, kc, vc, meta = make_case(4, 2, 16, MIXED, dtype=torch.float16, seed=4)
+    # prefill chunks: tiles of 16 rows (a chunk's last tile partly full), causal inside the chunk
+    for heads, kv_heads, dim in [(4, 2, 16), (2, 2, 32)]:
+        q, kc, vc, meta = make_case(heads, kv_heads, dim, CHUNKS, seed=heads)
+        seqs = list(range(len(CHUNKS)))
+        rows = [sum(n for _, n in CHUNKS[:i]) for i in seqs]
+        tiles = tp.prefill_tiles(meta.spans, rows, seqs, q.device, block_m=16)
+        out = tp.paged_prefill(q, kc, vc, meta.block_tables, tiles, 0.25, block_m=16)
+        torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
+    q, kc, vc, meta = make_case(4, 2, 16, MIXED + CHUNKS, dtype=torch.float16, seed=4)
     be = tp.TritonPagedBackend()
     out = be.attend(q, kc, vc, be.prepare(meta), 0.25)
     torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=2e-3, rtol=1e-2)
@@ -99,8 +108,9 @@ def test_triton_kernel_interpreted_equals_naive():
 # ---- GPU -----------------------------------------------------------------------------
 TOL = {torch.float16: dict(atol=3e-3, rtol=1e-2), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 LONG = [(0, 1), (15, 1), (16, 1), (17, 1), (511, 1), (1023, 1), (2047, 1), (300, 1), (1, 1)]
-# chunks past triton_paged.SMALL_CHUNK (gather + SDPA); MIXED's chunks go through the paged kernel
-BIG = [(10, 40), (600, 33), (2000, 17)]
+# chunks past triton_paged.SMALL_CHUNK (the prefill kernel, or gather + SDPA); MIXED's chunks go
+# through the decode kernel
+BIG = [(10, 40), (600, 33), (2000, 17), (0, 512), (1100, 65), (3000, 200)]
 
 
 @pytest.mark.gpu
@@ -122,11 +132,13 @@ def test_gpu_kernel_equals_reference(dtype, heads, kv_heads, dim, splits):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_backend_mixed_batch_equals_reference(dtype):
+@pytest.mark.parametrize("prefill", ["kernel", "gather"])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32)])
+def test_gpu_backend_mixed_batch_equals_reference(dtype, prefill, heads, kv_heads):
     from djinn.attention.triton_paged import TritonPagedBackend
 
-    q, kc, vc, meta = make_case(32, 8, 128, MIXED + LONG + BIG, dtype=dtype, device="cuda")
-    be = TritonPagedBackend()
+    q, kc, vc, meta = make_case(heads, kv_heads, 128, MIXED + LONG + BIG, dtype=dtype, device="cuda")
+    be = TritonPagedBackend(prefill=prefill)
     out = be.attend(q, kc, vc, be.prepare(meta), 0.088)
     ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), meta, 0.088)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])

@@ -141,7 +141,73 @@ def _kernels(interpret: bool):
         out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
         tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
-    return split_kernel, merge_kernel
+    @triton.jit
+    def prefill_kernel(Q, K, V, Tables, Tiles, Out,
+                       qk_scale,
+                       stride_qt, stride_qh,
+                       stride_kb, stride_ko, stride_kh,
+                       stride_vb, stride_vo, stride_vh,
+                       stride_tab,
+                       stride_ot, stride_oh,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # program (tile, h): up to BLOCK_M consecutive query rows of one sequence (a tile of a
+        # prefill chunk), query head h, against that sequence's keys 0 .. its last row's position
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        seq = tl.load(Tiles + tile * 4).to(tl.int64)
+        row0 = tl.load(Tiles + tile * 4 + 1)
+        n = tl.load(Tiles + tile * 4 + 2)
+        pos0 = tl.load(Tiles + tile * 4 + 3)
+        kvh = h // GROUP
+
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_j = tl.arange(0, BLOCK_N)
+        mask_m = offs_m < n
+        mask_d = offs_d < HEAD_DIM
+        # rows past the tile's end repeat its first row's position: finite, never stored
+        pos = pos0 + tl.where(mask_m, offs_m, 0)
+        q = tl.load(Q + (row0 + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        table = Tables + seq * stride_tab
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
+        kv_end = pos0 + n
+        for start in range(0, kv_end, BLOCK_N):
+            offs_n = start + offs_j
+            mask_n = offs_n < kv_end
+            blk = tl.load(table + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+            slot = offs_n % PAGE
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + blk[:, None] * stride_kb + slot[:, None] * stride_ko + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            causal = mask_n[None, :] & (offs_n[None, :] <= pos[:, None])
+            s = tl.where(causal, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))      # finite: key 0 is always visible
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vo + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(Out + (row0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+    return split_kernel, merge_kernel, prefill_kernel
 
 
 def _pow2(n: int) -> int:
@@ -181,7 +247,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError("block tables must be int32 with contiguous rows")
     if token_seq.dtype != torch.int32 or kv_lens.dtype != torch.int32:
         raise ValueError("token_seq and kv_lens must be int32")
-    split_kernel, merge_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    split_kernel, merge_kernel, _ = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
     group = H // kv_heads
     block_h = max(16, _pow2(group))
     block_d = max(16, _pow2(D))
@@ -217,36 +283,92 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
+PREFILL_BLOCK_M = 64     # query rows per program of the prefill kernel
+
+
+def prefill_tiles(spans, rows: list[int], seqs: list[int], device: torch.device, block_m: int = PREFILL_BLOCK_M
+                  ) -> torch.Tensor:
+    """[tiles, 4] int32 (sequence, first query row, rows, position of the first row): each
+    prefill chunk cut into tiles of ``block_m`` rows, the prefill kernel's grid."""
+    tiles = [(seq, row + off, min(block_m, s.new - off), s.start + off)
+             for s, row, seq in zip(spans, rows, seqs) for off in range(0, s.new, block_m)]
+    return torch.tensor(tiles, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  tiles: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                  block_m: int = PREFILL_BLOCK_M) -> torch.Tensor:
+    """Causal attention of prefill chunks read in place from the pool: each tile's query rows
+    (``prefill_tiles``) against keys 0 .. its row's position of its sequence. Writes the tiles'
+    rows of ``out`` ([T, H, D], allocated if None) and returns it; other rows are untouched."""
+    T, H, D = q.shape
+    _, page, kv_heads, dk = k_cache.shape
+    if dk != D or v_cache.shape != k_cache.shape or H % kv_heads:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the pool's head_dim must be contiguous")
+    if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1 or tiles.dtype != torch.int32:
+        raise ValueError("block tables and tiles must be int32 with contiguous rows")
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if tiles.shape[0] == 0:
+        return out
+    _, _, prefill_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    block_d = max(16, _pow2(D))
+    prefill_kernel[(tiles.shape[0], H)](
+        q, k_cache, v_cache, block_tables, tiles.contiguous(), out,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=64 if block_d <= 128 else 32, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
 # A chunk of at most this many new tokens (the second turn of a conversation: the pending token
-# and a short prompt) goes through the paged kernel row by row, each token with its own causal
-# length: gathering a long context for SDPA cost such a turn 70 ms at 4k tokens of llama2-7b on
-# the H100, against reading the context once per new token. Longer chunks reuse the gathered
-# keys across their queries, which the per-token kernel cannot.
+# and a short prompt) goes through the decode kernel row by row, each token with its own causal
+# length; longer chunks through the prefill kernel (tiles of rows reading each key once per tile).
 SMALL_CHUNK = 16
 
 
 class TritonPagedBackend(AttentionBackend):
-    """Decode rows, and the rows of small prefill chunks, through the paged kernel; larger
-    prefill chunks through gather + SDPA."""
+    """Decode rows, and the rows of small prefill chunks, through the paged decode kernel;
+    larger prefill chunks through the paged prefill kernel (``prefill="kernel"``) or through
+    gather + SDPA (``prefill="gather"``: the reference's way, kept to measure against)."""
 
     name = "triton-paged"
     graph_safe = True
 
+    def __init__(self, prefill: str = "kernel"):
+        if prefill not in ("kernel", "gather"):
+            raise ValueError(f"prefill must be 'kernel' or 'gather', not {prefill!r}")
+        self.prefill = prefill
+
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         if meta.decode_only or meta.spans is None:
             return meta
-        dec_rows, pre_spans, pre_rows, row = [], [], [], 0
-        for s in meta.spans:
+        dec_rows, pre_spans, pre_rows, pre_seqs, row = [], [], [], [], 0
+        for i, s in enumerate(meta.spans):
             if s.new <= SMALL_CHUNK:
                 dec_rows.extend(range(row, row + s.new))
             else:
                 pre_spans.append(s)
                 pre_rows.append(row)
+                pre_seqs.append(i)
             row += s.new
         if dec_rows:
             idx = torch.tensor(dec_rows, dtype=torch.long, device=meta.token_seq.device)
             meta.extra["decode"] = (idx, meta.token_seq[idx], meta.kv_lens[idx])
         meta.extra["prefill"] = (pre_spans, pre_rows)
+        if self.prefill == "kernel" and pre_spans:
+            meta.extra["tiles"] = prefill_tiles(pre_spans, pre_rows, pre_seqs, meta.token_seq.device)
         return meta
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -258,6 +380,9 @@ class TritonPagedBackend(AttentionBackend):
         if "decode" in meta.extra:
             idx, seq, lens = meta.extra["decode"]
             out[idx] = paged_decode(q[idx], k_cache, v_cache, meta.block_tables, seq, lens, scale)
-        spans, rows = meta.extra["prefill"]
-        attend_spans(q, k_cache, v_cache, spans, rows, meta.block_size, scale, out)
+        if "tiles" in meta.extra:
+            paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.extra["tiles"], scale, out=out)
+        else:
+            spans, rows = meta.extra["prefill"]
+            attend_spans(q, k_cache, v_cache, spans, rows, meta.block_size, scale, out)
         return out
