@@ -48,8 +48,15 @@ def test_tiny_llama_batched_turns_equal_transformers_alone(chunk):
         seconds = [f.result(timeout=300) for f in futures]   # the oracle runs only once the engine is idle:
         for p, first, m, second in zip(prompts, outs, more, seconds):   # batched steps switch the model's attention
             assert second.token_ids == hf_greedy(lm.model, p + first.token_ids + m, 4)
-        sizes = eng.stats()["batching"]["batch_sizes"]
+        st = eng.stats()
+        sizes = st["batching"]["batch_sizes"]
         assert max(int(k) for k in sizes) > 1, f"no step held more than one sequence: {sizes}"
+        # the loop's time accounting: every step counted once, by kind, inside the loop's busy time
+        b, loop = st["batching"], st["loop"]
+        assert sum(b["steps_by_kind"].values()) == b["steps"] == sum(sizes.values())
+        assert 0 < loop["steps_s"] and loop["steps_s"] + loop["calls_s"] <= loop["uptime_s"]
+        assert sum(b["step_s_by_kind"].values()) <= loop["steps_s"]
+        assert b["stepped_kv_blocks"] >= sum(int(k) * v for k, v in sizes.items())   # >= 1 block per item
     finally:
         eng.shutdown()
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from djinn.bench.metrics import (GcPauses, MemorySampler, TurnRecord, delta, downsample, live_agents, moved_bytes,
-                                 stat, summarize)
+from djinn.bench.metrics import (GcPauses, MemorySampler, TurnRecord, delta, downsample, live_agents, loop_profile,
+                                 moved_bytes, stat, summarize)
 from djinn.bench.workload import AgentPlan
 
 
@@ -183,6 +183,7 @@ def finish_run(plans: list[AgentPlan], records: list[TurnRecord], spans: list[tu
         "decisions": delta(stat(after, "decisions"), stat(before, "decisions")),
         # the engine loop's slow calls and steps (at_s: seconds since the engine started)
         "loop_slow": stat(after, "loop_slow"),
+        "loop": loop_profile(delta(after, before), after),
         "stats_delta": delta(after, before), "sampler_errors": sampler.errors,
         "turns": [r.row() for r in sorted(records, key=lambda r: (r.agent, r.turn))],
         "timeline": downsample(timeline),

@@ -317,6 +317,34 @@ def crossings(xs: list[float], a: list[float | None], b: list[float | None]) -> 
     return out
 
 
+def loop_profile(d: dict | None, after: dict | None) -> dict[str, Any] | None:
+    """Where the engine loop's time went during a run (from the stats delta ``d``): busy in
+    batch steps (graph replays and eager forwards) and in calls, blocked waiting for room or a
+    restore (part of those), idle; the mean batch; and the share of the device KV pool held by
+    the turns being stepped. None when the server does not report it."""
+    loop, b = (d or {}).get("loop"), (d or {}).get("batching")
+    if not loop or not b or not loop.get("uptime_s"):
+        return None
+    up = loop["uptime_s"]
+    steps = b.get("steps") or 0
+    kinds, secs = b.get("steps_by_kind") or {}, b.get("step_s_by_kind") or {}
+    items = sum(int(k) * v for k, v in (b.get("batch_sizes") or {}).items())
+    pool = sum(x.get("used", 0) + x.get("free", 0) for x in ((after or {}).get("kv_blocks") or {}).values())
+    return {
+        "wall_s": up,
+        "share": {"steps": loop.get("steps_s", 0.0) / up, "calls": loop.get("calls_s", 0.0) / up,
+                  "blocked_room": loop.get("blocked_room_s", 0.0) / up,
+                  "blocked_restore": loop.get("blocked_restore_s", 0.0) / up,
+                  "idle": max(0.0, 1 - (loop.get("steps_s", 0.0) + loop.get("calls_s", 0.0)) / up)},
+        "steps": steps, "mean_batch": items / steps if steps else None,
+        "step_ms": {k: 1e3 * secs.get(k, 0.0) / n for k, n in kinds.items() if n},
+        "step_gpu_ms": {k: 1e3 * (b.get("step_gpu_s_by_kind") or {}).get(k, 0.0) / n
+                        for k, n in kinds.items() if n and b.get("step_gpu_s_by_kind")},
+        "steps_by_kind": kinds,
+        "stepped_kv_share": (b.get("stepped_kv_blocks", 0) / steps / pool) if steps and pool else None,
+    }
+
+
 def wait_choices(decisions: dict | None) -> dict[str, Any] | None:
     """What the policy did with the IO_WAITs of one run, from the server's ``decisions``
     counters (their change over the run): how many waits kept their KV on the device, how many

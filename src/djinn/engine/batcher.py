@@ -68,6 +68,14 @@ class Batcher:
         self.running: list[Running] = []
         self.batch_sizes: Counter = Counter()      # decode+prefill items per step
         self.steps = 0
+        # per kind of step (a decode graph replayed, or an eager forward): count and seconds
+        # (forward and sampling), and the device KV blocks the stepped turns held (summed over
+        # steps: / steps / pool capacity is the share of the pool doing work)
+        self.step_kinds: Counter = Counter()
+        self.step_s: Counter = Counter()
+        self.step_gpu_s: Counter = Counter()       # CUDA: the forward's own time on the device
+        self._timed: list = []                     # (kind, start, end) events not read yet
+        self.stepped_blocks = 0
         self._graphs: dict[str, object] = {}       # model -> DecodeGraphs (or None when unavailable)
 
     # ---- entering and leaving ----------------------------------------------------------
@@ -214,19 +222,33 @@ class Batcher:
             items.append(BatchItem(block_table=list(s.block_table), start=s.num_cached, tokens=list(chunk)))
         decode_only = all(len(it.tokens) == 1 for it in items)
         graphs = self._graphs_for(rt, len(items)) if decode_only else None
+        kind = "graph" if graphs is not None and graphs.accepts(items) else "eager"
+        t0 = time.perf_counter()
+        events = None
+        if rt.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         try:
             logits = forward_batch(rt.executor, rt.pool, items, graphs=graphs)
+            if events is not None:
+                events[1].record()
         except BaseException as exc:
             for r, _ in plan:
                 self._fail(r, exc)
             return
         self.steps += 1
         self.batch_sizes[len(items)] += 1
+        self.stepped_blocks += sum(len(it.block_table) for it in items)
         for (r, chunk), lg in zip(plan, logits):
             try:
                 self._advance(rt, r, chunk, lg)
             except BaseException as exc:   # a callback of this turn failed: only this turn ends
                 self._fail(r, exc)
+        self.step_kinds[kind] += 1
+        self.step_s[kind] += time.perf_counter() - t0
+        if events is not None:
+            self._timed.append((kind, *events))
+            self._read_events()
 
     def _advance(self, rt, r: Running, chunk: list[int], logits: torch.Tensor) -> None:
         s = r.session
@@ -275,6 +297,17 @@ class Batcher:
             return
         r.future.set_result(result)
 
+    def _read_events(self) -> None:
+        """Add up the device time of the steps whose forward is done (no sync: a step that
+        samples nothing leaves its forward in flight)."""
+        while self._timed and self._timed[0][2].query():
+            kind, start, end = self._timed.pop(0)
+            self.step_gpu_s[kind] += start.elapsed_time(end) / 1e3
+
     def stats(self) -> dict:
+        self._read_events()
         return {"steps": self.steps, "running": len(self.running),
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "steps_by_kind": dict(self.step_kinds), "step_s_by_kind": dict(self.step_s),
+                "step_gpu_s_by_kind": dict(self.step_gpu_s),
+                "stepped_kv_blocks": self.stepped_blocks}

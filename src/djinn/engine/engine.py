@@ -523,6 +523,7 @@ class Engine(Admission):
                           for n, rt in self.runtimes.items()},
             "batching": self.batcher.stats(),
             "loop_slow": {"count": self.loop.slow_total, "last": list(self.loop.slow)},
+            "loop": {**self.loop.stats(), **{f"blocked_{k}_s": v for k, v in mem.get("blocked_s", {}).items()}},
             "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},
             **self.counters,
         }

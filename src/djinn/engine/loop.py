@@ -30,6 +30,9 @@ class EngineLoop:
         # runs, no other session advances), newest last: a latency tail's first suspect
         self.slow: collections.deque = collections.deque(maxlen=64)
         self.slow_total = 0
+        # where the loop's time went: batch steps and submitted calls (the rest is idle);
+        # with the batch sizes and the residency's room waits, a capacity limit's first clue
+        self.busy_s = {"steps": 0.0, "calls": 0.0}
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -60,6 +63,7 @@ class EngineLoop:
 
     def _note(self, what: str, started: float) -> None:
         took = time.perf_counter() - started
+        self.busy_s["steps" if what == "step" else "calls"] += took
         if took >= self.SLOW_S:
             self.slow_total += 1
             self.slow.append({"at_s": round(started - self._t0, 3), "what": what, "ms": round(took * 1e3, 1)})
@@ -87,6 +91,10 @@ class EngineLoop:
             except BaseException as exc:  # delivered to the caller, the loop keeps going
                 fut.set_exception(exc)
             self._note(getattr(fn, "__qualname__", "call"), t)
+
+    def stats(self) -> dict:
+        """Seconds since the loop started, and of them busy in batch steps and in calls."""
+        return {"uptime_s": time.perf_counter() - self._t0, **{f"{k}_s": v for k, v in self.busy_s.items()}}
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stopping = True

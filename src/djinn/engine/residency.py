@@ -88,6 +88,7 @@ class Residency(WaitPlanning, KVMoves, Room):
         self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
         self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0,
                          "forks": 0, "cow_copies": 0}
+        self.blocked_s = {"room": 0.0, "restore": 0.0}   # the caller (the engine loop) waiting for copies
         # IO_WAIT decisions (engine.wait_plans), what the wait timers did, and the waits seen
         self.clock = time.monotonic
         self.waits = WaitHistory()
@@ -329,10 +330,9 @@ class Residency(WaitPlanning, KVMoves, Room):
                     waiter = s.move.transfer
             if not wait and not for_room:
                 raise CopyPending(waiter)
-            t = time.perf_counter()
-            waiter.wait()
+            waited = self._block_on(waiter, "room" if for_room else "restore")
             if for_room:
-                room_s += time.perf_counter() - t
+                room_s += waited
 
     def grow(self, s: Session, tokens: int) -> float:
         """Give ``s`` blocks for ``tokens`` tokens, evicting idle sessions if needed, and make
@@ -365,9 +365,7 @@ class Residency(WaitPlanning, KVMoves, Room):
                         self.counters["cow_copies"] += len(shared)
                     s.block_table.extend(fresh[len(shared):])
                     return waited
-            t = time.perf_counter()
-            waiter.wait()
-            waited += time.perf_counter() - t
+            waited += self._block_on(waiter, "room")
 
     def share_prefix(self, s: Session, end: int, lookup: bool = True, taint: bool = False) -> int:
         """Automatic prefix sharing before a forward of ``tokens[num_cached:end]`` (blocks
@@ -507,6 +505,7 @@ class Residency(WaitPlanning, KVMoves, Room):
                 "bytes_moved": {"out": copies[OUT]["bytes"], "in": copies[IN]["bytes"]},
                 "bandwidth_gbps": {"out": copies[OUT]["gbps"], "in": copies[IN]["gbps"]},
                 "decisions": _copy(self.decisions),
+                "blocked_s": dict(self.blocked_s),
                 "wait_estimate_s": (lambda e: None if e is None else {"mean": e.mean_s, "dev": e.dev_s})(
                     self.waits.server()),
             }

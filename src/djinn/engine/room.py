@@ -7,6 +7,7 @@ turns: ``RoomHeld``). A mixin of ``engine.residency.Residency``, as ``kv_moves``
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -47,7 +48,17 @@ class Room:
                 waiter = self._room(model, blocks, set(protect))
             if waiter is None or not wait:
                 return
-            waiter.wait()
+            self._block_on(waiter, "room")
+
+    def _block_on(self, waiter: Transfer, why: str) -> float:
+        """Wait for a copy (outside the lock) and count the seconds under ``why`` (``room``:
+        others' parks; ``restore``: the session's own KV): while the engine loop waits here,
+        no turn advances."""
+        t = time.perf_counter()
+        waiter.wait()
+        took = time.perf_counter() - t
+        self.blocked_s[why] += took
+        return took
 
     def _candidate(self, s: Session) -> Candidate:
         pool = self.tiers[s.model].pool
