@@ -11,7 +11,8 @@ Invariants:
 - every other block is either free or held, with a reference count >= 1 while held;
 - a block with reference count > 1 is shared (a fork) and is never written: a session about
   to write into one first takes a private copy (``memory.cow``);
-- the free list is a FIFO deque, so which block a session gets is deterministic.
+- free blocks are handed out as one run of consecutive ids when one is long enough
+  (``memory.freelist``: a move copies runs), and deterministically.
 
 The pool only accounts; deciding who gets memory is the scheduler's job and moving bytes is
 the pager's.
@@ -19,12 +20,12 @@ the pager's.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from djinn.errors import CapacityError
+from djinn.memory.freelist import FreeBlocks
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         dims = (num_blocks, shape.num_layers, 2, shape.block_size, shape.kv_heads, shape.head_dim)
         self.kv = torch.zeros(dims, dtype=shape.dtype, device=self.device, pin_memory=pin_memory)
-        self._free: deque[int] = deque(range(1, num_blocks))
+        self._free = FreeBlocks(num_blocks)
+        self._free.add_range(1, num_blocks - 1)
         self._refs = [0] * num_blocks
         self._shared = 0               # blocks held by more than one reference (forks)
         self._refsum = 0               # references in all: the blocks sessions would hold unshared
@@ -115,7 +117,7 @@ class BlockPool:
             raise CapacityError(
                 f"KV pool on {self.device} is full: need {n} block(s), {len(self._free)} free of {self.capacity}"
             )
-        out = [self._free.popleft() for _ in range(n)]
+        out = self._free.take(n)
         for b in out:
             self._refs[b] = 1
         self._refsum += n
@@ -142,7 +144,7 @@ class BlockPool:
             if self._refs[b] == 1:
                 self._shared -= 1
             elif self._refs[b] == 0:
-                self._free.append(b)
+                self._free.add(b)
                 if self.on_free is not None:
                     self.on_free(b)
 

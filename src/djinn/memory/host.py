@@ -16,8 +16,8 @@ Invariants:
   chunk;
 - a block is free or held, never both; a held block has a reference count >= 1: one per session
   or copy in flight holding it (forks of a parked session share its blocks, never write them);
-- the free set hands out the lowest ids first, so a session's blocks tend to be consecutive and
-  its moves coalesce into few large copies.
+- the free set hands out one run of consecutive ids when one is long enough, else the lowest
+  ids (``memory.freelist``), so a session's moves coalesce into few large copies.
 
 Only accounting and storage live here; the caller (engine.residency) holds its own lock around
 allocate/release, and the arena's small lock only guards the grower thread's additions.
@@ -25,7 +25,6 @@ allocate/release, and the arena's small lock only guards the grower thread's add
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 
@@ -33,6 +32,7 @@ import torch
 
 from djinn.errors import CapacityError
 from djinn.memory.blocks import KVShape
+from djinn.memory.freelist import FreeBlocks
 
 DEFAULT_CHUNK_BYTES = 1 << 30
 
@@ -62,7 +62,7 @@ class HostArena:
         self.chunk_blocks = max(1, min(chunk_bytes // shape.block_bytes, max(1, self.target_blocks)))
         self.dims = (shape.num_layers, 2, shape.block_size, shape.kv_heads, shape.head_dim)
         self._chunks: list[torch.Tensor] = []
-        self._free: list[int] = []           # a heap: lowest ids first
+        self._free = FreeBlocks()            # runs of consecutive ids first (memory.freelist)
         self._held: dict[int, int] = {}      # held block -> reference count (forks share parked KV)
         self._landed = 0
         self._lock = threading.Lock()
@@ -97,8 +97,8 @@ class HostArena:
                 with self._lock:
                     first = self._landed
                     self._chunks.append(chunk)
-                    for b in range(first, first + n):
-                        heapq.heappush(self._free, b)
+                    self._free.grow(first + n)
+                    self._free.add_range(first, n)
                     self._landed += n
         except Exception as exc:  # out of host memory: serve with what landed
             self.error = f"host arena stopped at {self._landed} of {self.target_blocks} blocks: {exc}"
@@ -140,11 +140,11 @@ class HostArena:
         return self.target_blocks * self.shape.block_bytes
 
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks or none (all-or-nothing), lowest ids first."""
+        """Take ``n`` blocks or none (all-or-nothing), one run of consecutive ids if one is free."""
         with self._lock:
             if n > len(self._free):
                 raise CapacityError(f"host arena is full: need {n} block(s), {len(self._free)} free of {self._landed}")
-            out = [heapq.heappop(self._free) for _ in range(n)]
+            out = self._free.take(n)
             self._held.update((b, 1) for b in out)
         return out
 
@@ -168,7 +168,7 @@ class HostArena:
                 self._held[b] -= 1
                 if self._held[b] == 0:
                     del self._held[b]
-                    heapq.heappush(self._free, b)
+                    self._free.add(b)
                     if self.on_free is not None:
                         self.on_free(b)
 

@@ -111,7 +111,9 @@ class Pager:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.recent: collections.deque[Transfer] = collections.deque(maxlen=4096)
-        self.totals = {OUT: [0, 0, 0.0], IN: [0, 0, 0.0]}    # transfers, bytes, copy seconds
+        # transfers, bytes, copy seconds, copy calls (runs of consecutive blocks: each costs the
+        # thread that issues it a call into the driver)
+        self.totals = {OUT: [0, 0, 0.0, 0], IN: [0, 0, 0.0, 0]}
         self._lock = threading.Lock()
         if self.cuda:
             self._streams = {OUT: torch.cuda.Stream(self.device), IN: torch.cuda.Stream(self.device)}
@@ -187,12 +189,14 @@ class Pager:
             t[0] += 1
             t[1] += tr.nbytes
             t[2] += tr.copy_seconds
+            t[3] += tr.ncopies
 
     def stats(self) -> dict:
         with self._lock:
             out = {}
-            for d, (n, b, s) in self.totals.items():
-                out[d] = {"transfers": n, "bytes": b, "copy_seconds": s, "gbps": (b / s / 1e9) if s > 0 else None}
+            for d, (n, b, s, c) in self.totals.items():
+                out[d] = {"transfers": n, "bytes": b, "copy_seconds": s, "gbps": (b / s / 1e9) if s > 0 else None,
+                          "copy_calls": c}
             return out
 
     def close(self) -> None:
