@@ -165,7 +165,7 @@ def _line(run: dict) -> str:
     if lp:
         sh = lp["share"]
         stalls += (f", loop: steps {sh['steps']:.0%} (batch {lp['mean_batch'] or 0:.1f}), calls {sh['calls']:.0%}, "
-                   f"blocked on room {sh['blocked_room']:.0%}, idle {sh['idle']:.0%}")
+                   f"blocked on room {sh['blocked_room']:.0%}, on the lock {sh.get('blocked_lock', 0):.0%}, idle {sh['idle']:.0%}")
     return (f"[{run['policy']} {run['tool']} n={run['n']}] success {run['success_rate']:.1%} "
             f"turn p50/p99/max {ms(run['turn_ms']['p50'])}/{ms(run['turn_ms']['p99'])}/{ms(run['turn_ms']['max'])} ms, "
             f"TTFT p99 {ms(run['ttft_ms']['p99'])} ms, live agents max {run['live_agents']['max']}, "

@@ -335,6 +335,7 @@ def loop_profile(d: dict | None, after: dict | None) -> dict[str, Any] | None:
         "share": {"steps": loop.get("steps_s", 0.0) / up, "calls": loop.get("calls_s", 0.0) / up,
                   "blocked_room": loop.get("blocked_room_s", 0.0) / up,
                   "blocked_restore": loop.get("blocked_restore_s", 0.0) / up,
+                  "blocked_lock": loop.get("blocked_lock_s", 0.0) / up,
                   "idle": max(0.0, 1 - (loop.get("steps_s", 0.0) + loop.get("calls_s", 0.0)) / up)},
         "steps": steps, "mean_batch": items / steps if steps else None,
         "step_ms": {k: 1e3 * secs.get(k, 0.0) / n for k, n in kinds.items() if n},

@@ -517,7 +517,7 @@ class Engine(Admission):
             "sessions_by_kv_location": mem.get("sessions_by_kv_location", {}),
             "sharing": mem.get("sharing", {}),   # KV blocks shared by forks, counted once in kv_device
             "swaps": mem.get("swaps", {}), "bytes_moved": mem.get("bytes_moved", {}),
-            "bandwidth_gbps": mem.get("bandwidth_gbps", {}),
+            "bandwidth_gbps": mem.get("bandwidth_gbps", {}), "copy_calls": mem.get("copy_calls", {}),
             "decisions": mem.get("decisions", {}), "wait_estimate_s": mem.get("wait_estimate_s"),  # policy.plan_wait
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},

@@ -42,6 +42,8 @@ and ``grow(s, tokens)``; the one-request-at-a-time loop calls them through ``beg
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,7 +90,8 @@ class Residency(WaitPlanning, KVMoves, Room):
         self._wanted: dict[str, Session] = {}      # prefetches waiting for device room, in order
         self.counters = {"parked": 0, "restored": 0, "dropped": 0, "recomputed": 0, "cancelled": 0,
                          "forks": 0, "cow_copies": 0}
-        self.blocked_s = {"room": 0.0, "restore": 0.0}   # the caller (the engine loop) waiting for copies
+        # the caller (the engine loop) waiting: for copies (room, its restore), for the lock
+        self.blocked_s = {"room": 0.0, "restore": 0.0, "lock": 0.0}
         # IO_WAIT decisions (engine.wait_plans), what the wait timers did, and the waits seen
         self.clock = time.monotonic
         self.waits = WaitHistory()
@@ -226,7 +229,7 @@ class Residency(WaitPlanning, KVMoves, Room):
         Returns the memory timings of the turn. On error the session is left as it was (not
         busy; its KV wherever it was) and the error is a ``CapacityError``.
         """
-        with self.lock:
+        with self._loop_lock():
             if s.busy:
                 raise InvalidRequest("a turn is already running on this session")
             s.busy = True
@@ -238,7 +241,7 @@ class Residency(WaitPlanning, KVMoves, Room):
             source, room_s = self.ensure_resident(s, wait)
             room_s += self.grow(s, tokens)
         except BaseException as exc:
-            with self.lock:
+            with self._loop_lock():
                 s.busy = False
                 s.admitting = isinstance(exc, CopyPending)
             raise
@@ -247,7 +250,7 @@ class Residency(WaitPlanning, KVMoves, Room):
     def end_turn(self, s: Session) -> None:
         """The turn ended (well or not): return blocks beyond the cached tokens, record the compute
         the next park must wait for, and apply a phase signal that came meanwhile."""
-        with self.lock:
+        with self._loop_lock():
             tier = self.tiers.get(s.model)
             s.busy = False
             s.touch()
@@ -305,7 +308,7 @@ class Residency(WaitPlanning, KVMoves, Room):
         source, room_s = "device", 0.0
         while True:
             for_room = False
-            with self.lock:
+            with self._loop_lock():
                 self._reap()
                 st = s.kv_state
                 if st is KVState.DEVICE:
@@ -342,7 +345,7 @@ class Residency(WaitPlanning, KVMoves, Room):
         seconds spent waiting for room."""
         waited = 0.0
         while True:
-            with self.lock:
+            with self._loop_lock():
                 tier = self.tiers[s.model]
                 pool = tier.pool
                 extend = max(0, pool.shape.blocks_for(tokens) - len(s.block_table))
@@ -455,6 +458,16 @@ class Residency(WaitPlanning, KVMoves, Room):
             tr.wait()
 
     # ---- accounting -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _loop_lock(self):
+        """The lock, taken by the engine loop's calls (turns, growing a turn's blocks), with the
+        time spent waiting for it counted (``blocked_s["lock"]``): another thread holding it
+        (a signal parking a session, a wait timer) holds up every running turn meanwhile."""
+        t = time.perf_counter()
+        with self.lock:
+            self.blocked_s["lock"] += time.perf_counter() - t
+            yield
+
     def stats(self) -> dict:
         with self.lock:
             self._reap()
@@ -504,6 +517,8 @@ class Residency(WaitPlanning, KVMoves, Room):
                           "cancelled": self.counters["cancelled"]},
                 "bytes_moved": {"out": copies[OUT]["bytes"], "in": copies[IN]["bytes"]},
                 "bandwidth_gbps": {"out": copies[OUT]["gbps"], "in": copies[IN]["gbps"]},
+                "copy_calls": {"out": copies[OUT]["copy_calls"], "in": copies[IN]["copy_calls"],
+                               "transfers_out": copies[OUT]["transfers"], "transfers_in": copies[IN]["transfers"]},
                 "decisions": _copy(self.decisions),
                 "blocked_s": dict(self.blocked_s),
                 "wait_estimate_s": (lambda e: None if e is None else {"mean": e.mean_s, "dev": e.dev_s})(
