@@ -43,7 +43,6 @@ and ``grow(s, tokens)``; the one-request-at-a-time loop calls them through ``beg
 from __future__ import annotations
 
 import contextlib
-
 import threading
 import time
 from dataclasses import dataclass, field
