@@ -77,6 +77,20 @@ def interpreted_checks() -> None:
         q, kc, vc, meta = make_case(heads, kv_heads, dim, DECODE, seed=splits)
         out = tp.paged_decode(q, kc, vc, meta.block_tables, meta.token_seq, meta.kv_lens, 0.25, num_splits=splits)
         torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
+    # a subset of rows of a bigger q (rows=), padding entries (kv_len 0) that store nothing
+    for heads, kv_heads, dim, splits in [(4, 2, 16, 1), (4, 4, 32, 3)]:
+        q, kc, vc, meta = make_case(heads, kv_heads, dim, DECODE, seed=10 + splits)
+        ref = naive(q, kc, vc, meta.spans, 0.25)
+        picked = [5, 0, 3, 6]
+        rows = torch.tensor(picked + [1, 2], dtype=torch.int32)        # last two: padding
+        seq = torch.cat([meta.token_seq[picked], torch.zeros(2, dtype=torch.int32)])
+        lens = torch.cat([meta.kv_lens[picked], torch.zeros(2, dtype=torch.int32)])
+        out = torch.full_like(q, 7.0)
+        got = tp.paged_decode(q, kc, vc, meta.block_tables, seq, lens, 0.25, num_splits=splits, rows=rows, out=out)
+        assert got is out
+        torch.testing.assert_close(out[picked].double(), ref[picked], atol=1e-5, rtol=1e-5)
+        untouched = [r for r in range(q.shape[0]) if r not in picked]
+        assert (out[untouched] == 7.0).all(), "a padding entry or an unpicked row was written"
     # prefill chunks: tiles of 16 rows (a chunk's last tile partly full), causal inside the chunk
     for heads, kv_heads, dim in [(4, 2, 16), (2, 2, 32)]:
         q, kc, vc, meta = make_case(heads, kv_heads, dim, CHUNKS, seed=heads)
@@ -85,6 +99,11 @@ def interpreted_checks() -> None:
         tiles = tp.prefill_tiles(meta.spans, rows, seqs, q.device, block_m=16)
         out = tp.paged_prefill(q, kc, vc, meta.block_tables, tiles, 0.25, block_m=16)
         torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
+    # padding tiles (0 rows, pointing at real rows and positions) store nothing
+    pad = torch.tensor([[0, 0, 0, 0], [1, 40, 0, 20], [3, 117, 0, 100]], dtype=torch.int32)
+    out = torch.full_like(q, 7.0)
+    tp.paged_prefill(q, kc, vc, meta.block_tables, pad, 0.25, out=out, block_m=16)
+    assert (out == 7.0).all(), "a padding tile stored rows"
     q, kc, vc, meta = make_case(4, 2, 16, MIXED + CHUNKS, dtype=torch.float16, seed=4)
     be = tp.TritonPagedBackend()
     out = be.attend(q, kc, vc, be.prepare(meta), 0.25)
@@ -142,3 +161,33 @@ def test_gpu_backend_mixed_batch_equals_reference(dtype, prefill, heads, kv_head
     out = be.attend(q, kc, vc, be.prepare(meta), 0.088)
     ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), meta, 0.088)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gpu_rows_and_padding_in_a_graph(splits):
+    """rows= picks a subset of a packed batch's rows; kv_len 0 entries (graph padding) store
+    nothing; the call captures into a CUDA graph and replays with new contexts."""
+    from djinn.attention.triton_paged import paged_decode
+
+    q, kc, vc, meta = make_case(32, 8, 128, LONG, dtype=torch.float16, device="cuda")
+    ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), meta, 0.088)
+    picked = [8, 2, 5, 0]
+    rows = torch.tensor(picked + [1, 1], dtype=torch.int32, device="cuda")
+    seq = torch.cat([meta.token_seq[picked], torch.zeros(2, dtype=torch.int32, device="cuda")])
+    lens = torch.cat([meta.kv_lens[picked], torch.zeros(2, dtype=torch.int32, device="cuda")])
+    out = torch.full_like(q, 7.0)
+    run = lambda: paged_decode(q, kc, vc, meta.block_tables, seq, lens, 0.088, num_splits=splits,  # noqa: E731
+                               rows=rows, out=out)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    out.fill_(7.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out[picked].float(), ref[picked], **TOL[torch.float16])
+    untouched = [r for r in range(q.shape[0]) if r not in picked]
+    assert (out[untouched] == 7.0).all()

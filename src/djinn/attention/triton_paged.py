@@ -47,7 +47,7 @@ def _kernels(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(Q, K, V, Tables, TokSeq, KvLens, Out, PartO, PartLse,
+    def split_kernel(Q, K, V, Tables, TokSeq, KvLens, Rows, Out, PartO, PartLse,
                      qk_scale,
                      stride_qt, stride_qh,
                      stride_kb, stride_ko, stride_kh,
@@ -58,12 +58,17 @@ def _kernels(interpret: bool):
                      stride_lt, stride_lh,
                      GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                     NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, IEEE: tl.constexpr):
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq = tl.load(TokSeq + t).to(tl.int64)
         kv_len = tl.load(KvLens + t)
+        # entry t reads and writes row ``Rows[t]`` of Q/Out (a subset of a packed batch)
+        if HAS_ROWS:
+            row = tl.load(Rows + t).to(tl.int64)
+        else:
+            row = t.to(tl.int64)
         # this split's range, whole tiles only; later splits of a short context are empty
         chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = split * chunk
@@ -73,9 +78,10 @@ def _kernels(interpret: bool):
         offs_d = tl.arange(0, BLOCK_D)
         offs_j = tl.arange(0, BLOCK_N)
         heads = kvh * GROUP + offs_h
-        mask_h = offs_h < GROUP
+        # kv_len 0 marks a padding entry (a captured graph's unused slot): it loads and stores nothing
+        mask_h = offs_h < tl.where(kv_len > 0, GROUP, 0)
         mask_d = offs_d < HEAD_DIM
-        q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_h[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -114,7 +120,7 @@ def _kernels(interpret: bool):
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         if NUM_SPLITS == 1:
-            tl.store(Out + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            tl.store(Out + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                      out.to(Out.dtype.element_ty), mask=out_mask)
         else:
             lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
@@ -123,23 +129,29 @@ def _kernels(interpret: bool):
             tl.store(PartLse + t * stride_lt + heads * stride_lh + split, lse, mask=mask_h)
 
     @triton.jit
-    def merge_kernel(PartO, PartLse, Out,
+    def merge_kernel(PartO, PartLse, KvLens, Rows, Out,
                      stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+                     BLOCK_S: tl.constexpr, HAS_ROWS: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
+        kv_len = tl.load(KvLens + t)
+        if HAS_ROWS:
+            row = tl.load(Rows + t).to(tl.int64)
+        else:
+            row = t.to(tl.int64)
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_s = offs_s < NUM_SPLITS
-        mask_d = offs_d < HEAD_DIM
+        # a padding entry (kv_len 0) wrote no partials: read none, store nothing
+        mask_s = offs_s < tl.where(kv_len > 0, NUM_SPLITS, 0)
+        mask_d = offs_d < tl.where(kv_len > 0, HEAD_DIM, 0)
         lse = tl.load(PartLse + t * stride_lt + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
         m = tl.max(lse, 0)              # finite: split 0 always holds >= 1 key
         w = tl.math.exp2(lse - m)       # empty splits: exp2(-inf) = 0
         o = tl.load(PartO + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
                     mask=mask_s[:, None] & mask_d[None, :], other=0.0)
         out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-        tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+        tl.store(Out + row * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
     @triton.jit
     def prefill_kernel(Q, K, V, Tables, Tiles, Out,
@@ -176,7 +188,7 @@ def _kernels(interpret: bool):
         table = Tables + seq * stride_tab
         k_base = K + kvh * stride_kh
         v_base = V + kvh * stride_vh
-        kv_end = pos0 + n
+        kv_end = tl.where(n > 0, pos0 + n, 0)   # a padding tile (n == 0) loops over nothing
         for start in range(0, kv_end, BLOCK_N):
             offs_n = start + offs_j
             mask_n = offs_n < kv_end
@@ -232,10 +244,19 @@ def choose_splits(tokens: int, kv_heads: int, device: torch.device, max_splits: 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  token_seq: torch.Tensor, kv_lens: torch.Tensor, scale: float,
-                 num_splits: int | None = None) -> torch.Tensor:
-    """Attention of each query token ``q[t]`` ([T, H, D]) over the first ``kv_lens[t]`` tokens of
-    sequence ``token_seq[t]``, whose blocks are ``block_tables[token_seq[t]]``. Returns [T, H, D]."""
-    T, H, D = q.shape
+                 num_splits: int | None = None, rows: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of query rows over the paged context; returns ``out``.
+
+    Without ``rows``: entry ``t`` is query row ``q[t]`` ([T, H, D]) over the first ``kv_lens[t]``
+    tokens of sequence ``token_seq[t]``, whose blocks are ``block_tables[token_seq[t]]``; the
+    result goes to ``out[t]`` (allocated [T, H, D] if None).
+
+    With ``rows`` (int32 [n] on the device): entry ``t`` reads ``q[rows[t]]`` and writes
+    ``out[rows[t]]`` (``out`` required, same shape as ``q``); ``token_seq``/``kv_lens`` are then
+    [n], one per entry. Either way an entry with ``kv_len == 0`` stores nothing (a padding slot
+    of a captured graph). The launch depends on shapes only: no host sync, graph-capturable."""
+    H, D = q.shape[1], q.shape[2]
     _, page, kv_heads, dk = k_cache.shape
     if dk != D or v_cache.shape != k_cache.shape or H % kv_heads:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -247,21 +268,40 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError("block tables must be int32 with contiguous rows")
     if token_seq.dtype != torch.int32 or kv_lens.dtype != torch.int32:
         raise ValueError("token_seq and kv_lens must be int32")
+    n = token_seq.shape[0]
+    if kv_lens.shape[0] != n:
+        raise ValueError(f"token_seq has {n} entries, kv_lens {kv_lens.shape[0]}")
+    if rows is not None:
+        if rows.dtype != torch.int32 or rows.shape != (n,):
+            raise ValueError(f"rows must be int32 [{n}] (one per entry of token_seq), got "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+        if out is None:
+            raise ValueError("paged_decode with rows writes into out: pass out ([T, H, D] like q)")
+    elif q.shape[0] != n:
+        raise ValueError(f"q has {q.shape[0]} rows, token_seq {n}: pass rows to pick a subset")
+    if out is None:
+        out = torch.empty((n, H, D), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with contiguous head_dim, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if n == 0:
+        return out
     split_kernel, merge_kernel, _ = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
     group = H // kv_heads
     block_h = max(16, _pow2(group))
     block_d = max(16, _pow2(D))
     block_n = 64 if block_d <= 128 else 32
-    splits = num_splits or choose_splits(T, kv_heads, q.device)
-    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    splits = num_splits or choose_splits(n, kv_heads, q.device)
+    has_rows = rows is not None
+    rows_arg = rows if has_rows else kv_lens      # never read without rows
     if splits > 1:
-        part_o = torch.empty((T, H, splits, D), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((T, H, splits), dtype=torch.float32, device=q.device)
+        part_o = torch.empty((n, H, splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((n, H, splits), dtype=torch.float32, device=q.device)
     else:
         part_o, part_lse = out, out   # not touched when there is one split
     ieee = q.dtype == torch.float32
-    split_kernel[(T, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, token_seq, kv_lens, out, part_o, part_lse,
+    split_kernel[(n, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, token_seq, kv_lens, rows_arg, out, part_o, part_lse,
         scale * 1.4426950408889634,   # log2(e): the kernel works in base 2
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -271,14 +311,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if splits > 1 else 0,
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=splits, IEEE=ieee, num_warps=4, num_stages=2,
+        NUM_SPLITS=splits, HAS_ROWS=has_rows, IEEE=ieee, num_warps=4, num_stages=2,
     )
     if splits > 1:
-        merge_kernel[(T, H)](
-            part_o, part_lse, out,
+        merge_kernel[(n, H)](
+            part_o, part_lse, kv_lens, rows_arg, out,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=max(2, _pow2(splits)), num_warps=4,
+            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=max(2, _pow2(splits)),
+            HAS_ROWS=has_rows, num_warps=4,
         )
     return out
 
@@ -300,7 +341,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_m: int = PREFILL_BLOCK_M) -> torch.Tensor:
     """Causal attention of prefill chunks read in place from the pool: each tile's query rows
     (``prefill_tiles``) against keys 0 .. its row's position of its sequence. Writes the tiles'
-    rows of ``out`` ([T, H, D], allocated if None) and returns it; other rows are untouched."""
+    rows of ``out`` ([T, H, D], allocated if None) and returns it; other rows are untouched, and
+    a tile with 0 rows (padding of a captured graph) reads and stores nothing."""
     T, H, D = q.shape
     _, page, kv_heads, dk = k_cache.shape
     if dk != D or v_cache.shape != k_cache.shape or H % kv_heads:
@@ -365,7 +407,7 @@ class TritonPagedBackend(AttentionBackend):
             row += s.new
         if dec_rows:
             idx = torch.tensor(dec_rows, dtype=torch.long, device=meta.token_seq.device)
-            meta.extra["decode"] = (idx, meta.token_seq[idx], meta.kv_lens[idx])
+            meta.extra["decode"] = (idx.to(torch.int32), meta.token_seq[idx], meta.kv_lens[idx])
         meta.extra["prefill"] = (pre_spans, pre_rows)
         if self.prefill == "kernel" and pre_spans:
             meta.extra["tiles"] = prefill_tiles(pre_spans, pre_rows, pre_seqs, meta.token_seq.device)
@@ -378,8 +420,8 @@ class TritonPagedBackend(AttentionBackend):
             self.prepare(meta)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if "decode" in meta.extra:
-            idx, seq, lens = meta.extra["decode"]
-            out[idx] = paged_decode(q[idx], k_cache, v_cache, meta.block_tables, seq, lens, scale)
+            rows, seq, lens = meta.extra["decode"]
+            paged_decode(q, k_cache, v_cache, meta.block_tables, seq, lens, scale, rows=rows, out=out)
         if "tiles" in meta.extra:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.extra["tiles"], scale, out=out)
         else:
