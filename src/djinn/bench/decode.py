@@ -86,7 +86,7 @@ def _ints(text: str) -> list[int]:
 def run_batched(args, lm, device, log) -> dict:
     from djinn.bench import batched as bb
     from djinn.engine.executor import Executor
-    from djinn.engine.graphs import DecodeGraphs
+    from djinn.engine.graphs import StepGraphs
     from djinn.engine.runtime import kv_geometry
     from djinn.memory.blocks import BlockPool
     from djinn.models.adapter import locate
@@ -111,8 +111,8 @@ def run_batched(args, lm, device, log) -> dict:
         graphs = None
         if device.type == "cuda":
             t = time.perf_counter()
-            graphs = DecodeGraphs(ex, pool, max_context=max(contexts) + args.steps + 16,
-                                  buckets=tuple(sorted(set(batches))))
+            graphs = StepGraphs(ex, pool, max_context=max(contexts) + args.steps + 16,
+                                buckets=tuple(sorted(set(batches))), max_seqs=max(batches))
             graphs.capture()
             out["graph_capture_s"] = time.perf_counter() - t
             log(f"captured decode graphs for batches {graphs.captured} in {out['graph_capture_s']:.1f} s")
@@ -125,7 +125,8 @@ def run_batched(args, lm, device, log) -> dict:
             del graphs
             fused.ENABLED = False
             try:
-                plain = DecodeGraphs(ex, pool, max_context=max(contexts) + args.steps + 16, buckets=(1, 32))
+                plain = StepGraphs(ex, pool, max_context=max(contexts) + args.steps + 16, buckets=(1, 32),
+                                   max_seqs=32)
                 plain.capture()
                 log("without fused norm/rotary kernels:")
                 out["unfused"] = bb.djinn_batched(ex, pool, plain, [1, 32], [1024], args.steps, log=log)

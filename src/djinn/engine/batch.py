@@ -167,7 +167,7 @@ def split_batch(executor, st: BatchState, indices: list[int]) -> tuple[BatchStat
 
 def forward_batch(executor, pool: BlockPool, items: list[BatchItem], backend: AttentionBackend | None = None,
                   graphs=None) -> list[torch.Tensor]:
-    """A whole batched forward; a decode batch without hooks replays a captured graph if one fits."""
+    """A whole batched forward; a step without hooks replays a captured graph if one fits."""
     with torch.inference_mode():
         if graphs is not None and graphs.accepts(items):
             return graphs.run(items)

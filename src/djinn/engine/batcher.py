@@ -7,8 +7,9 @@ packs, per model:
 - prefill chunks of turns whose prompt is not yet computed, under a token budget
   (``EngineConfig.prefill_chunk_tokens``), so a long prompt never stalls the others' decodes.
 Turns are served oldest session first, so a session that comes back from a tool call keeps its
-place ahead of sessions that arrived after it. A step of decodes only replays a CUDA graph
-(``engine/graphs.py``) when the model runs on CUDA; anything else runs eagerly.
+place ahead of sessions that arrived after it. On CUDA a step replays a captured graph
+(``engine/graphs.py``: decode rows and prefill chunks alike, by the step's token count); a step
+that fits no bucket runs eagerly, and ``stats()`` counts each kind.
 
 The batcher only decides and advances; it never moves KV (the turn's blocks were reserved by
 ``Residency.begin_turn``) and finishes turns through the engine (``_complete_turn`` /
@@ -76,7 +77,7 @@ class Batcher:
         self.step_gpu_s: Counter = Counter()       # CUDA: the forward's own time on the device
         self._timed: list = []                     # (kind, start, end) events not read yet
         self.stepped_blocks = 0
-        self._graphs: dict[str, object] = {}       # model -> DecodeGraphs (or None when unavailable)
+        self._graphs: dict[str, object] = {}       # model -> StepGraphs (or None when unavailable)
 
     # ---- entering and leaving ----------------------------------------------------------
     def add(self, turn, params: SamplingParams, request: GenerateRequest) -> Future:
@@ -121,16 +122,23 @@ class Batcher:
                 budget -= len(chunk)
         return plan
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most new tokens one step can hold: every decode plus a full prefill budget."""
+        return self.max_batch + self.prefill_chunk_tokens
+
     def _graphs_for(self, rt, n: int):
-        if not self.cuda_graphs or rt.device.type != "cuda":
+        """The model's step graphs with a bucket for ``n`` tokens captured, or None (eager)."""
+        if not self.cuda_graphs or rt.device.type != "cuda" or rt.streamer is not None:
             return None
         graphs = self._graphs.get(rt.name, False)
         if graphs is False:
             try:
-                from djinn.engine.graphs import DecodeGraphs
+                from djinn.engine.graphs import StepGraphs, buckets_up_to
 
-                graphs = DecodeGraphs(rt.executor, rt.pool, rt.max_context)
-            except Exception as exc:  # e.g. an attention backend that cannot be captured
+                graphs = StepGraphs(rt.executor, rt.pool, rt.max_context, buckets_up_to(self.max_step_tokens),
+                                    max_seqs=self.max_batch)
+            except Exception as exc:  # e.g. no Triton
                 log.warning("CUDA graphs off for %s: %s", rt.name, exc)
                 graphs = None
             self._graphs[rt.name] = graphs
@@ -156,18 +164,19 @@ class Batcher:
     @torch.inference_mode()
     def warmup(self, rt) -> None:
         """Load every kernel the steps will use now (CUDA only; on the loop): capture every
-        decode-graph bucket up to ``max_batch`` (a lazily captured bucket costs the turn that
+        step-graph bucket up to ``max_step_tokens`` (a lazily captured bucket costs the turn that
         first needs it a capture and, in a fresh process, the Triton compiles), then run the
-        eager step shapes once (``warm_eager``)."""
+        eager step shapes once (``warm_eager``: steps with hooks, or of no bucket)."""
         if rt.streamer is not None or rt.device.type != "cuda":   # streamed weights run layer by layer
             return
         graphs = self._graphs_for(rt, 1)
         if graphs is not None:
             t = time.perf_counter()
-            sizes = tuple(b for b in graphs.buckets if b <= self.max_batch)
+            sizes = graphs.buckets
+            log.info("capturing %d step graphs of %s (buckets of %s tokens)", len(sizes), rt.name,
+                     ",".join(map(str, sizes)))
             if self._capture(rt, graphs, sizes):
-                log.info("captured decode graphs of %s for batches %s in %.1f s", rt.name, sizes,
-                         time.perf_counter() - t)
+                log.info("captured step graphs of %s in %.1f s", rt.name, time.perf_counter() - t)
         self.warm_eager(rt)
 
     @torch.inference_mode()
@@ -220,8 +229,7 @@ class Batcher:
             s = r.session
             self.engine._ensure_blocks(s, rt, s.num_cached + len(chunk))
             items.append(BatchItem(block_table=list(s.block_table), start=s.num_cached, tokens=list(chunk)))
-        decode_only = all(len(it.tokens) == 1 for it in items)
-        graphs = self._graphs_for(rt, len(items)) if decode_only else None
+        graphs = self._graphs_for(rt, sum(len(it.tokens) for it in items))
         kind = "graph" if graphs is not None and graphs.accepts(items) else "eager"
         t0 = time.perf_counter()
         events = None

@@ -130,7 +130,7 @@ class Executor:
     # ---- many sessions per forward (djinn.engine.batch) ---------------------------------
     def forward_batch(self, pool, items: list, backend=None, graphs=None) -> list[torch.Tensor]:
         """One forward for a packed batch of ``BatchItem``s; logits per item (see batch.py).
-        Pure decode batches without hooks replay ``graphs`` (a DecodeGraphs) when given."""
+        Batches without hooks replay ``graphs`` (a StepGraphs) when one of its buckets fits."""
         from djinn.engine import batch
 
         return batch.forward_batch(self, pool, items, backend=backend, graphs=graphs)
