@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from djinn.bench import agents, plot, resume
 
@@ -131,6 +132,33 @@ def test_plot_of_an_empty_directory_says_so(tmp_path, capsys):
     assert "nothing to plot" in capsys.readouterr().out
 
 
+def _check_cuda_peak(run: dict) -> None:
+    """A policy's CUDA peak is torch's reading less what was allocated before its engine started:
+    other GPU tests of the same process (models cached by ``tests.conftest.loaded``, engines
+    left running) hold device memory, so the allocation before is whatever they left, in any
+    test order, and only the engine's own share is checked."""
+    assert run["peak_device_source"].startswith("torch.cuda.max_memory_allocated")
+    before = run["cuda_allocated_before_engine"]
+    assert isinstance(before, int) and before >= 0
+    assert run["peak_device_bytes"] > 0
+
+
+def test_cuda_peak_check_holds_after_other_gpu_tests(monkeypatch):
+    """Regression: the GPU test below compared the source with the bare
+    "torch.cuda.max_memory_allocated", which the runner stopped reporting when it began leaving
+    out earlier engines' memory; its check must hold whatever ran before (faked here on the CPU:
+    512 MiB left by earlier tests, 3 MiB this engine's)."""
+    from djinn.bench.agent_runner import RunOptions, finish_run
+    from djinn.bench.metrics import MemorySampler
+
+    earlier, own = 512 << 20, 3 << 20
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: earlier + own)
+    opts = RunOptions(new_tokens=4, deadline_s=10.0, slo_ms=100.0, cuda_peak=True, cuda_base=earlier)
+    run = finish_run([], [], [], [], 1.0, False, {}, {}, MemorySampler(None), [], opts)
+    _check_cuda_peak(run)
+    assert run["peak_device_bytes"] == own and run["cuda_allocated_before_engine"] == earlier
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_paths_of_agents_and_resume(tmp_path):
@@ -138,7 +166,7 @@ def test_cuda_paths_of_agents_and_resume(tmp_path):
     assert agents.main(["--quick", "--device", "cuda", "--n", "2", "--policies", "semantic", "--no-progress",
                         "--out", str(tmp_path)]) == 0
     run = _only(tmp_path, "agents-quick-*.json")["results"]["runs"][0]
-    assert run["peak_device_source"] == "torch.cuda.max_memory_allocated" and run["peak_device_bytes"] > 0
+    _check_cuda_peak(run)
     assert resume.main(["--model", "tiny-llama", "--device", "cuda", "--contexts", "64", "128", "--repeat", "1",
                         "--skip", "depth", "--host-memory", "16MiB", "--park-timeout-s", "1", "--no-progress",
                         "--out", str(tmp_path)]) == 0
