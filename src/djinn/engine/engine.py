@@ -1,9 +1,9 @@
 """The engine: loaded models, server-resident sessions, and generation.
 
 Public methods are thread-safe: they run their work on the engine loop (one thread owns the
-device) and wait for it. Methods whose name starts with ``_`` run on the loop. The exception is
-``signal_phase``: it must return at once, so it runs on the caller's thread and goes straight to
-``engine.residency`` (which has its own lock) instead of queueing behind a running turn.
+device) and wait for it. Methods whose name starts with ``_`` run on the loop. ``signal_phase``
+goes through the loop's signal channel (engine/loop.py), ahead of queued calls: it waits at most
+for the step or call in progress, and the copy it starts then runs in the background.
 """
 
 from __future__ import annotations
@@ -164,11 +164,17 @@ class Engine(Admission):
         self.loop.call(self._close_session, session_id, owner)
 
     def signal_phase(self, session_id: str, phase: str, owner: str | None = None) -> None:
-        """``IO_WAIT`` / ``ACTIVE``. Returns at once; the copy it starts runs in the background."""
+        """``IO_WAIT`` / ``ACTIVE``. Returns once the loop applied it (at most a step later, never
+        behind queued calls); the copy it starts runs in the background."""
         if phase not in (Phase.IO_WAIT.value, Phase.ACTIVE.value):
             raise InvalidRequest(f"unknown phase {phase!r}; use IO_WAIT or ACTIVE")
-        s = self._session(session_id, owner)
-        self.residency.signal(s, Phase(phase))
+        if self.loop.in_loop():
+            self._signal_phase(session_id, Phase(phase), owner)
+            return
+        self.loop.signal(self._signal_phase, session_id, Phase(phase), owner).result()
+
+    def _signal_phase(self, session_id: str, phase: Phase, owner: str | None) -> None:
+        self.residency.signal(self._session(session_id, owner), phase)
 
     def truncate(self, session_id: str, length: int, owner: str | None = None) -> None:
         """Cut a session's history to its first ``length`` tokens, dropping their KV past that.
