@@ -410,8 +410,8 @@ def test_a_failed_resume_of_a_generation_rolls_the_turn_back(llama_engine, monke
     eng.generate(sid, GenerateRequest([1, 2, 3], greedy(2)))
     before = eng.session_info(sid)
     g = eng.generate(sid, GenerateRequest([4, 5], greedy(4), breakpoint=(1, 2)))
-    ex = eng.runtimes["m"].executor
-    monkeypatch.setattr(ex, "finish", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+    head = eng.runtimes["m"].arch.lm_head     # the head of the step it resumes in fails
+    monkeypatch.setattr(head, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
     with pytest.raises(RuntimeError, match="device lost"):
         eng.resume(g.paused["paused_id"])
     monkeypatch.undo()

@@ -12,7 +12,7 @@ independent of the history's length and without copying it (``Residency.fork``):
 - moving: the copy in flight is waited for first.
 
 A session paused at a breakpoint forks paused at the same point: the child gets its own
-``ForwardState`` (a new ``PagedCache`` over its own blocks, its own copy of the activation)
+step (engine/whitebox_step.py: over its own blocks, with its own copy of the activation)
 and, inside a generation, its own copy of the turn (tokens so far, interventions, captures,
 the sampler's random state), so each resumes independently: ``p1.resume(a * 0.9)`` and
 ``p2.resume(a + v)`` explore two counterfactuals from one prefix. The in-flight forward has
@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from djinn.engine.cache import PagedCache
-from djinn.engine.executor import ForwardState
 from djinn.engine.session import Phase, Session
 from djinn.errors import CapacityError, InvalidRequest
 
@@ -56,7 +54,7 @@ def fork_session(engine: "Engine", session_id: str, owner: str | None) -> dict:
     child = Session(model=parent.model, owner=parent.owner, tokens=list(parent.tokens),
                     messages=[dict(m) for m in parent.messages], ended_with_eos=parent.ended_with_eos,
                     turns=parent.turns)
-    inflight = p.state.cache.new if p is not None else 0
+    inflight = p.state.num_tokens if p is not None else 0
     engine.residency.fork(parent, child, inflight)       # registers the child with the residency
     engine.sessions[child.id] = child
     try:
@@ -73,23 +71,17 @@ def _fork_paused(engine: "Engine", rt, p: "PausedForward", parent: Session, chil
     """Pause ``child`` where ``parent`` is paused, with state of its own."""
     wb = engine.whitebox
     st = p.state
-    old = st.cache
-    # a parked child has no device blocks yet: the parent's (stale) ids only size the index
-    # tensors, and the child's resume rebinds its cache to wherever its KV is restored
-    table = child.block_table if child.block_table else list(old._bound)
-    cache = PagedCache(rt.pool, table, old.start, old.new)
-    swap = lambda x: cache if x is old else x  # noqa: E731 - the layer arguments refer to the cache
-    act = wb.store.get(p.activation_id, parent.id)
-    state = ForwardState(cache=cache, hidden=act.clone().unsqueeze(0), next_layer=st.next_layer,
-                         layer_args=tuple(swap(a) for a in st.layer_args),
-                         layer_kwargs={k: swap(v) for k, v in st.layer_kwargs.items()})
-    hook, turn = p.hook, None
+    hook, turn = st.hook, None
     if p.turn is not None:
         turn = _copy_turn(p.turn, child)
-        hook = turn.plan.hook(old.start, old.new)
+        hook = turn.plan.hook(st.start, st.num_tokens)
     # (a paused forward()'s hook has no captures: it only reads its interventions, so it is shared)
+    act = wb.store.get(p.activation_id, parent.id)
+    # a parked child has no device blocks yet: the parent's (stale) ids stand in, and the
+    # child's resume rebinds its step to wherever its KV is restored
+    state = st.fork(child.block_table or None, act.clone().unsqueeze(0), hook)
     child.phase = p.prev_phase
-    return wb.pause(child, state, hook, p.layer, p.step, new_tokens=p.new_tokens, blocks_before=p.blocks_before,
+    return wb.pause(child, state, p.layer, p.step, new_tokens=p.new_tokens, blocks_before=p.blocks_before,
                     turn=turn)
 
 

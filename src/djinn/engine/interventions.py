@@ -6,7 +6,8 @@ A request carries plain data (the protocol's ``interventions`` and ``capture``):
     {"kind": "add", "layer": 10, "vector": <tensor [hidden]>, "positions": [3, 4]}
 
 :class:`LayerPlan` validates them once per request and, for each forward, builds the hook
-the executor calls after every decoder layer (``Executor.run_layers(hook=...)``).
+called after every decoder layer (a ``BatchItem.hook`` or ``Executor.run_layers(hook=...)``,
+engine/whitebox_step.py).
 
 Semantics (docs/whitebox.md):
 - an intervention at layer L replaces layer L's output hidden state ``h`` (the residual
@@ -123,13 +124,16 @@ class LayerPlan:
     def __bool__(self) -> bool:
         return bool(self.layers)
 
-    def hook(self, start: int, num_tokens: int):
-        """The executor hook for a forward computing session positions
-        ``start .. start + num_tokens - 1``; None when the request touches no layer."""
+    def hook(self, start: int, num_tokens: int, end: int | None = None):
+        """The layer hook for a forward computing session positions
+        ``start .. start + num_tokens - 1``; None when the request touches no layer. ``end``:
+        where the session ends in this forward, from which negative positions count (default
+        ``start + num_tokens``; a prompt computed in chunks passes the end of its last chunk)."""
         if not self:
             return None
-        end = start + num_tokens
-        rows = {id(x): _rows(x.positions, start, end) for x in self.items}
+        stop = start + num_tokens
+        end = stop if end is None else end
+        rows = {id(x): _rows(x.positions, start, stop, end) for x in self.items}
 
         def hook(layer: int, h: torch.Tensor) -> torch.Tensor:
             if layer not in self.layers:
@@ -159,13 +163,14 @@ class LayerPlan:
         return {layer: torch.cat(chunks, dim=0) for layer, chunks in self.captured.items() if chunks}
 
 
-def _rows(positions: list[int] | None, start: int, end: int) -> list[int] | None:
-    """Rows of this forward's hidden state selected by ``positions`` (None = all)."""
+def _rows(positions: list[int] | None, start: int, stop: int, end: int) -> list[int] | None:
+    """Rows of the hidden state of positions ``start..stop-1`` selected by ``positions`` (None =
+    all); a negative position counts from ``end``."""
     if positions is None:
         return None
     out = set()
     for p in positions:
         absolute = p if p >= 0 else end + p
-        if start <= absolute < end:
+        if start <= absolute < stop:
             out.add(absolute - start)
     return sorted(out)

@@ -1,12 +1,14 @@
 """White-box execution: forwards that pause after any decoder layer, resume with the
 activation unchanged or replaced, and the server-side tensors clients hold by handle.
 
-The engine owns one :class:`WhiteBox`; its methods run on the engine loop. A paused forward
-is a :class:`PausedForward`: the executor's ``ForwardState`` (hidden state, next layer, the
-layer arguments the model's own code built, the ``PagedCache``) plus what finishing it
-needs. Pausing returns from the loop, so a paused session holds no compute; its KV blocks
-(which already hold layers 0..N of the in-flight tokens) and its activation are ordinary
-session memory. Semantics are in docs/whitebox.md.
+The engine owns one :class:`WhiteBox`; its methods run on the engine loop. Every forward
+here is a :class:`~djinn.engine.whitebox_step.Step` on the plain path's numerics (a one-item
+batch where plain turns are batched), so a pause, an intervention or a capture changes
+nothing but what it asks for. A paused forward is a :class:`PausedForward`: the step (hidden
+state, next layer, the layer arguments the model's own code built, its block table and hook)
+plus what finishing it needs. Pausing returns from the loop, so a paused session holds no
+compute; its KV blocks (which already hold layers 0..N of the in-flight tokens) and its
+activation are ordinary session memory. Semantics are in docs/whitebox.md.
 
 Invariants:
 - a session is PAUSED exactly while one PausedForward of it exists, and then runs nothing
@@ -23,17 +25,16 @@ import itertools
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from djinn.engine.cache import PagedCache
-from djinn.engine.executor import ForwardState
 from djinn.engine.interventions import LayerPlan
 from djinn.engine.requests import GenerateRequest, GenerateResult
 from djinn.engine.session import Phase, Session
 from djinn.engine.sharing import changes_kv
 from djinn.engine.tensors import TensorStore
+from djinn.engine.whitebox_step import Step, open_step
 from djinn.errors import InvalidRequest, SessionClosed
 from djinn.protocol.expr import evaluate_expr
 
@@ -51,9 +52,8 @@ class PausedForward:
     session_id: str
     layer: int
     step: int
-    state: ForwardState
+    state: Step
     activation_id: str
-    hook: Callable | None
     prev_phase: Phase
     # a paused forward(): the tokens it appends on completion, and the blocks to give back if it fails
     new_tokens: list[int] = field(default_factory=list)
@@ -104,21 +104,20 @@ class WhiteBox:
         try:
             act_bytes = len(pending) * rt.loaded.config.hidden_size * rt.kv.dtype.itemsize
             self.store.check_room(s.id, len(pending) * rt.loaded.config.vocab_size * 4 + act_bytes)
-            cache = PagedCache(rt.pool, s.block_table, start, len(pending))
-            st = rt.executor.begin(cache, torch.tensor([pending], dtype=torch.long, device=rt.device))
-            hook = plan.hook(start, len(pending))
-            rt.executor.run_layers(st, until=breakpoint, hook=hook)
+            # one step over every token, paused or not, so forward(bp) + resume() == forward()
+            st = open_step(eng, rt, s.block_table, start, pending, plan.hook(start, len(pending)), all_logits=True)
             if breakpoint is None:
-                return {"logits": self._complete_forward(s, rt, st, ids)}
-            ref = self.pause(s, st, hook, breakpoint, 0, new_tokens=ids, blocks_before=blocks_before)
+                return {"logits": self._complete_forward(s, st, ids)}
+            st.run(until=breakpoint)
+            ref = self.pause(s, st, breakpoint, 0, new_tokens=ids, blocks_before=blocks_before)
             eng.residency.pause_turn(s)   # idle while paused: its KV may be parked
             return {"paused": ref}
         except BaseException:
             self._trim_blocks(s, rt, blocks_before)
             raise
 
-    def _complete_forward(self, s: Session, rt: "ModelRuntime", st: ForwardState, ids: list[int]) -> dict:
-        logits = rt.executor.finish(st, last_only=False)
+    def _complete_forward(self, s: Session, st: Step, ids: list[int]) -> dict:
+        logits = st.finish()
         ref = self.store.put(s.id, logits)
         s.tokens.extend(ids)
         s.num_cached += st.num_tokens
@@ -128,12 +127,12 @@ class WhiteBox:
         s.touch()
         return ref
 
-    def pause(self, s: Session, st: ForwardState, hook, layer: int, step: int, *, new_tokens=(),
-              blocks_before: int = 0, turn=None) -> dict:
+    def pause(self, s: Session, st: Step, layer: int, step: int, *, new_tokens=(), blocks_before: int = 0,
+              turn=None) -> dict:
         """Park ``st`` after ``layer``: the session becomes PAUSED; returns the paused_ref."""
         act = self.store.put(s.id, st.hidden[0], pinned=True)
         p = PausedForward(id=f"p{next(self._ids)}", session_id=s.id, layer=layer, step=step, state=st,
-                          activation_id=act["id"], hook=hook, prev_phase=s.phase, new_tokens=list(new_tokens),
+                          activation_id=act["id"], prev_phase=s.phase, new_tokens=list(new_tokens),
                           blocks_before=blocks_before, turn=turn)
         self.paused[p.id] = p
         self._by_session[s.id] = p.id
@@ -156,15 +155,21 @@ class WhiteBox:
         self._finish(p, "resumed")
         s.phase = p.prev_phase
         st = p.state
-        st.cache.rebind(s.block_table)   # the memory manager may have moved the blocks while paused
+        try:
+            st.rebind(s.block_table)   # the memory manager may have moved the blocks while paused
+        except BaseException:
+            if p.turn is not None:
+                self.abort_turn(p.turn.turn)
+            else:
+                self._trim_blocks(s, rt, p.blocks_before)
+            raise
         st.hidden = h.unsqueeze(0)
         if p.turn is not None:
             if replaced:
                 p.turn.plan.replace_last_capture(p.layer, h)
-            return {"generation": p.turn.resume(st, p.hook)}
+            return {"generation": p.turn.resume(st)}   # (it undoes its turn on failure)
         try:
-            rt.executor.run_layers(st, hook=p.hook)
-            return {"logits": self._complete_forward(s, rt, st, p.new_tokens)}
+            return {"logits": self._complete_forward(s, st, p.new_tokens)}
         except BaseException:
             self._trim_blocks(s, rt, p.blocks_before)
             raise

@@ -4,9 +4,12 @@ object, so it can stop at layer N of step k and continue later from the same sta
 Step 0 is the prefill (the forward over the turn's new tokens), step k the k-th decode step.
 Every step runs the request's :class:`~djinn.engine.interventions.LayerPlan` hook after each
 decoder layer. At the breakpoint the step stops after its layer; ``resume`` runs the step's
-remaining layers and the head, then the rest of the generation. Sampling, stop rules and the
-session's bookkeeping are those of ``Engine._run_turn``; the plain path keeps its own loop so
-requests without white-box parts pay nothing for this.
+remaining layers and the head, then the rest of the generation. Steps run on the plain path's
+numerics (engine/whitebox_step.py): where plain turns are batched, a prefill longer than
+``prefill_chunk_tokens`` runs in chunks of that size as a plain turn's does, except the step
+that pauses, which runs whole (its activation covers every token of the step). Sampling,
+stop rules and the session's bookkeeping are those of a plain turn; the plain path keeps its
+own loop so requests without white-box parts pay nothing for this.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from djinn.engine.cache import PagedCache
-from djinn.engine.executor import ForwardState
 from djinn.engine.interventions import LayerPlan
 from djinn.engine.requests import GenerateResult
 from djinn.engine.sampling import Sampler, SamplingParams, stop_check
+from djinn.engine.whitebox_step import Step, chunk_tokens, open_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from djinn.engine.engine import _Turn
@@ -47,46 +49,55 @@ class WhiteboxTurn:
     def run(self) -> GenerateResult:
         """Run steps until the generation ends or reaches its breakpoint (which returns a
         result with ``finish_reason="breakpoint"`` and ``paused`` set)."""
-        ex, s, rt = self.rt.executor, self.s, self.rt
+        s, rt = self.s, self.rt
+        chunk = chunk_tokens(self.wb.engine, rt)
         while True:
-            pending = s.tokens[s.num_cached:]
             self.wb.engine._ensure_blocks(s, rt, len(s.tokens))
-            cache = PagedCache(rt.pool, s.block_table, s.num_cached, len(pending))
-            st = ex.begin(cache, torch.tensor([pending], dtype=torch.long, device=rt.device))
-            hook = self.plan.hook(s.num_cached, len(pending))
-            if self.breakpoint is not None and self.breakpoint[1] == self.step:
+            end = len(s.tokens)
+            pause = self.breakpoint is not None and self.breakpoint[1] == self.step
+            if chunk is not None and not pause:
+                while end - s.num_cached > chunk:        # the prompt's leading chunks: K/V only
+                    self._open(chunk, end).run()
+                    s.num_cached += chunk
+                    self.computed += chunk
+            st = self._open(end - s.num_cached, end)
+            if pause:
                 layer = self.breakpoint[0]
-                ex.run_layers(st, until=layer, hook=hook)
-                return self._pause(st, hook, layer)
-            ex.run_layers(st, hook=hook)
+                st.run(until=layer)
+                return self._pause(st, layer)
             if self._end_step(st):
                 return self._result()
 
+    def _open(self, n: int, end: int) -> Step:
+        s = self.s
+        tokens = s.tokens[s.num_cached:s.num_cached + n]
+        return open_step(self.wb.engine, self.rt, s.block_table, s.num_cached, tokens,
+                         self.plan.hook(s.num_cached, n, end))
+
     @torch.inference_mode()
-    def resume(self, st: ForwardState, hook) -> GenerateResult:
-        """Finish the paused step from ``st`` (its hidden state possibly replaced), then the rest."""
+    def resume(self, st: Step) -> GenerateResult:
+        """Finish the paused step ``st`` (its hidden state possibly replaced), then the rest."""
         self.paused_s += time.perf_counter() - self._paused_at
         self.breakpoint = None   # one breakpoint per generate
         try:
-            self.rt.executor.run_layers(st, hook=hook)
             result = self._result() if self._end_step(st) else self.run()
         except BaseException:
             self.wb.abort_turn(self.turn)
             raise
         return self.wb.finish_turn(self.turn, result)
 
-    def _pause(self, st: ForwardState, hook, layer: int) -> GenerateResult:
-        ref = self.wb.pause(self.s, st, hook, layer, self.step, turn=self)
+    def _pause(self, st: Step, layer: int) -> GenerateResult:
+        ref = self.wb.pause(self.s, st, layer, self.step, turn=self)
         self._paused_at = time.perf_counter()
         return GenerateResult(token_ids=list(self.out), text=self.rt.tokenizer.decode(self.out, skip_special_tokens=True),
                               finish_reason="breakpoint", prompt_tokens=len(self.turn.new_tokens),
                               cached_tokens=self.turn.cached, computed_tokens=self.computed,
                               session_id=self.s.id, paused=ref)
 
-    def _end_step(self, st: ForwardState) -> bool:
-        """Head, sampling and stop rules after a step's layers; True when the generation ends."""
+    def _end_step(self, st: Step) -> bool:
+        """The step's remaining layers, head, sampling and stop rules; True when the generation ends."""
         s, rt, params = self.s, self.rt, self.params
-        logits = rt.executor.finish(st)
+        logits = st.finish()
         s.num_cached += st.num_tokens
         self.computed += st.num_tokens
         nxt = int(self.sampler(logits[-1:])[0])
