@@ -1,7 +1,9 @@
 """White-box execution on CUDA (fp16 and bf16).
 
 Pausing and resuming runs the very same kernels on the very same tensors as a plain forward,
-so those logits must be bitwise equal. Against transformers (whose attention may pick another
+so those logits must be bitwise equal; a paused generation runs the plain path's kernels
+(Djinn's paged attention, the fused norm/rotary, the decode graph for unhooked steps), so it
+samples from the very logits a plain generation does. Against transformers (whose attention may pick another
 SDPA kernel for differently laid-out K/V) the comparison is greedy tokens, as in
 test_cuda.py, and logits within half-precision tolerance, with the steering effect itself
 many times larger than that tolerance.
@@ -16,6 +18,7 @@ from djinn.engine import GenerateRequest
 
 from tests.conftest import loaded, requires_cuda
 from tests.engine.test_whitebox import LayerEdit, greedy, hf_greedy, make_engine, prompt
+from tests.engine.test_whitebox_numerics import assert_same, sampled, turn  # noqa: F401 - sampled: a fixture
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -103,5 +106,27 @@ def test_cuda_a_paused_session_leaves_the_device_while_another_runs():
         out = logits_of(eng, eng.resume(p["paused_id"])).cpu()
         ref = hf_logits(lm.model, first + ids, past=history).cpu()
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_a_paused_generation_samples_from_the_plain_generations_logits(dtype, sampled):  # noqa: F811
+    """Issue 25's "one set of numerics": paused at any layer of the prefill or of a decode step
+    and resumed unchanged, a generation equals a plain one token for token and logit for logit
+    (the plain one: an eager prefill chunk, then decode graphs of one row)."""
+    lm = loaded("tiny-llama", device="cuda", dtype=dtype)
+    eng = make_engine(lm)
+    first, ids = prompt(lm, 30, 4), prompt(lm, 37, 5)
+    try:
+        plain = eng.open_session("m")
+        turn(eng, plain, first, 3, sampled)
+        want = turn(eng, plain, ids, 8, sampled)
+        for step in (0, 1, 5):
+            for layer in range(lm.config.num_hidden_layers):
+                sid = eng.open_session("m")
+                turn(eng, sid, first, 3, sampled)
+                assert_same(turn(eng, sid, ids, 8, sampled, breakpoint=(layer, step)), want, (layer, step))
+                eng.close_session(sid)
     finally:
         eng.shutdown()
