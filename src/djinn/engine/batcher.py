@@ -151,10 +151,10 @@ class Batcher:
             return None
         return graphs
 
-    def _capture(self, rt, graphs, sizes: tuple[int, ...]) -> bool:
+    def _capture(self, rt, graphs, sizes: tuple[int, ...], progress=None) -> bool:
         """Capture ``sizes``; on failure the model runs eagerly from now on (False)."""
         try:
-            graphs.capture(sizes)
+            graphs.capture(sizes, progress)
             return True
         except Exception as exc:
             log.warning("CUDA graph capture of batches %s failed for %s, running eagerly: %s", sizes, rt.name, exc)
@@ -162,22 +162,35 @@ class Batcher:
             return False
 
     @torch.inference_mode()
-    def warmup(self, rt) -> None:
+    def warmup(self, rt) -> dict:
         """Load every kernel the steps will use now (CUDA only; on the loop): capture every
         step-graph bucket up to ``max_step_tokens`` (a lazily captured bucket costs the turn that
         first needs it a capture and, in a fresh process, the Triton compiles), then run the
-        eager step shapes once (``warm_eager``: steps with hooks, or of no bucket)."""
+        eager step shapes once (``warm_eager``: steps with hooks, or of no bucket). Returns the
+        seconds each part took."""
+        took: dict = {}
         if rt.streamer is not None or rt.device.type != "cuda":   # streamed weights run layer by layer
-            return
+            return took
+        t = time.perf_counter()
         graphs = self._graphs_for(rt, 1)
         if graphs is not None:
-            t = time.perf_counter()
             sizes = graphs.buckets
             log.info("capturing %d step graphs of %s (buckets of %s tokens)", len(sizes), rt.name,
                      ",".join(map(str, sizes)))
-            if self._capture(rt, graphs, sizes):
-                log.info("captured step graphs of %s in %.1f s", rt.name, time.perf_counter() - t)
-        self.warm_eager(rt)
+            done = []
+
+            def progress(b: int) -> None:
+                done.append(b)
+                if len(done) % 4 == 0 or len(done) == len(sizes):
+                    log.info("  %d/%d step graphs captured (%.1f s)", len(done), len(sizes), time.perf_counter() - t)
+
+            if self._capture(rt, graphs, sizes, progress):
+                took["graph_capture_s"] = round(time.perf_counter() - t, 2)
+                log.info("captured step graphs of %s in %.1f s", rt.name, took["graph_capture_s"])
+        t = time.perf_counter()
+        if self.warm_eager(rt):
+            took["eager_warmup_s"] = round(time.perf_counter() - t, 2)
+        return took
 
     @torch.inference_mode()
     def warm_eager(self, rt) -> bool:

@@ -75,6 +75,7 @@ class Engine(Admission):
         self.whitebox = WhiteBox(self, self.config.max_tensors_per_session, self.config.max_tensor_bytes_per_session)
         c = self.config
         self.batcher = Batcher(self, c.prefill_chunk_tokens, c.max_batch, c.cuda_graphs)
+        self.load_times: dict[str, dict] = {}     # model -> seconds its start took, by part
         self._init_admission()
         self.loop.set_stepper(self._has_work, self._step)
         # persistence hooks (server/journal.py), called on the loop: after a turn commits or a
@@ -84,11 +85,13 @@ class Engine(Admission):
         for name, loaded in (models or {}).items():
             self.add_model(name, loaded)
 
-    def add_model(self, name: str, loaded) -> None:
-        """Register a loaded model and allocate its KV pool from what the budget has left."""
-        self.loop.call(self._add_model, name, loaded)
+    def add_model(self, name: str, loaded, weights_s: float | None = None) -> None:
+        """Register a loaded model and allocate its KV pool from what the budget has left.
+        ``weights_s``: how long loading its weights took (reported with the rest of its start)."""
+        self.loop.call(self._add_model, name, loaded, weights_s)
 
-    def _add_model(self, name: str, loaded) -> None:
+    def _add_model(self, name: str, loaded, weights_s: float | None = None) -> None:
+        t = time.perf_counter()
         if name in self.runtimes:
             raise InvalidRequest(f"model {name!r} is already loaded")
         mem = self.config.memory
@@ -109,8 +112,12 @@ class Engine(Admission):
         self.residency.add_model(name, rt.pool, host_blocks)
         self.runtimes[name] = rt
         self.budget = budget
+        took = {"weights_s": round(weights_s, 2)} if weights_s is not None else {}
+        took["kv_pools_s"] = round(time.perf_counter() - t, 2)
         if self.config.warmup and self.config.batching:
-            self.batcher.warmup(rt)
+            took.update(self.batcher.warmup(rt))
+        took["total_s"] = round(sum(took.values()), 2)
+        self.load_times[name] = took
 
     # ---- public, thread-safe ---------------------------------------------------------
     def open_session(self, model: str, owner: str | None = None) -> str:
@@ -528,6 +535,7 @@ class Engine(Admission):
             "kv_blocks": {n: {"used": rt.pool.used_count, "free": rt.pool.free_count, "block_bytes": rt.kv.block_bytes}
                           for n, rt in self.runtimes.items()},
             "batching": self.batcher.stats(),
+            "load_s": dict(self.load_times),   # per model: weights, pools, graph capture, eager warm-up
             "loop_slow": {"count": self.loop.slow_total, "last": list(self.loop.slow)},
             "loop": {**self.loop.stats(), **{f"blocked_{k}_s": v for k, v in mem.get("blocked_s", {}).items()}},
             "streaming": {n: rt.streamer.stats() for n, rt in self.runtimes.items() if rt.streamer is not None},

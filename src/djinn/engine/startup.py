@@ -7,6 +7,10 @@ model loads before the first client is accepted). Only names and config strings 
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import torch
 
 from djinn.config import Config
@@ -47,11 +51,20 @@ def load_into(engine: Engine, name: str, config: Config, device: torch.device, d
     from djinn.memory.budget import should_offload
     from djinn.models import load_model
 
+    use_kernel_cache(config.home)
     mem = config.engine.memory
+    t = time.perf_counter()
     loaded = load_model(name, device=device, dtype=dtype, home=config.home, seed=config.engine.seed,
                         progress=progress, offload=lambda nbytes: should_offload(mem, device, nbytes),
                         resident_layers=mem.stream_resident_layers)
-    engine.add_model(name, loaded)
+    engine.add_model(name, loaded, weights_s=time.perf_counter() - t)
+
+
+def use_kernel_cache(home: Path) -> None:
+    """Keep Triton's compiled kernels under Djinn's home (``~/.cache/djinn/triton``) unless the
+    user chose a place: a second start then loads them instead of compiling (the step graphs'
+    capture runs every kernel once at load)."""
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(home) / "triton"))
 
 
 def build_engine(config: Config, progress: bool = True) -> Engine:

@@ -167,6 +167,9 @@ def serve(config: Config) -> int:
     t0 = time.perf_counter()
     engine = build_engine(config)
     print(f"djinn: loaded {', '.join(engine.runtimes)} in {time.perf_counter() - t0:.1f} s", flush=True)
+    for name, took in engine.load_times.items():
+        print(f"djinn: {name}: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in took.items()),
+              flush=True)
     journal, restored = None, []
     if s.journal:
         from djinn.server.journal import Journal
