@@ -18,7 +18,8 @@ from djinn.attention.triton_paged import PREFILL_BLOCK_M, SMALL_CHUNK
 
 def test_bucket_choice_covers_the_largest_step():
     assert buckets_up_to(1) == (1,)
-    assert buckets_up_to(576)[-1] == 640
+    assert buckets_up_to(576)[-1] == 576
+    assert buckets_up_to(600)[-1] == 640
     assert buckets_up_to(10_000) == DEFAULT_BUCKETS
 
 

@@ -46,7 +46,9 @@ from djinn.engine.batch import BatchItem, _enter, batched_mode
 from djinn.memory.blocks import BlockPool
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
-MIXED_BUCKETS = (96, 128, 192, 256, 384, 512, 640)
+# steps with prefill chunks: a step of T tokens pays for its bucket's rows in every matmul, so
+# the buckets are finer than powers of two (the largest step is max_batch + the prefill budget)
+MIXED_BUCKETS = (80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640)
 DEFAULT_BUCKETS = DECODE_BUCKETS + MIXED_BUCKETS
 
 
@@ -160,7 +162,9 @@ class StepGraphs:
         return StaticStep(
             rows=self._view(o.dec_rows, nd), seqs=self._view(o.dec_seq, nd), kv_lens=self._view(o.dec_len, nd),
             tiles=self._view(o.tile, 4 * nt).view(nt, 4),
-            splits=choose_splits(min(b, 16), self._kv_heads, self.pool.device))
+            # a shape, fixed per graph: split for ~8 real decode rows (an agents step's usual
+            # count) whatever the bucket; spare slots' programs return at once
+            splits=choose_splits(min(b, 8), self._kv_heads, self.pool.device))
 
     # ---- capture --------------------------------------------------------------------
     def _body(self, b: int) -> torch.Tensor:
