@@ -29,7 +29,7 @@ import torch
 
 from djinn.engine.batch import BatchItem, forward_batch
 from djinn.engine.requests import GenerateRequest, GenerateResult
-from djinn.engine.sampling import Sampler, SamplingParams, stop_check
+from djinn.engine.sampling import MIN_TEMPERATURE, Sampler, SamplingParams, stop_check
 from djinn.errors import Cancelled
 
 log = logging.getLogger("djinn.engine")
@@ -260,9 +260,12 @@ class Batcher:
         self.steps += 1
         self.batch_sizes[len(items)] += 1
         self.stepped_blocks += sum(len(it.block_table) for it in items)
-        for (r, chunk), lg in zip(plan, logits):
+        picks = self._sample(plan, logits)
+        for i, (r, chunk) in enumerate(plan):
+            if r not in self.running:      # its sampling failed (a logits processor raised)
+                continue
             try:
-                self._advance(rt, r, chunk, lg)
+                self._advance(rt, r, chunk, picks.get(i))
             except BaseException as exc:   # a callback of this turn failed: only this turn ends
                 self._fail(r, exc)
         self.step_kinds[kind] += 1
@@ -271,19 +274,43 @@ class Batcher:
             self._timed.append((kind, *events))
             self._read_events()
 
-    def _advance(self, rt, r: Running, chunk: list[int], logits: torch.Tensor) -> None:
+    def _sample(self, plan: list[tuple[Running, list[int]]], logits: list[torch.Tensor]) -> dict[int, int]:
+        """The next token of every turn whose prompt this step completes, by plan index, with one
+        host sync for the whole step: greedy rows are one argmax over their stacked logits,
+        sampled rows use their own request's generator (seeded runs repeat), and a request's
+        logits processor sees its row first. A processor that raises fails only its turn."""
+        greedy, rows, order = [], [], []
+        for i, ((r, chunk), lg) in enumerate(zip(plan, logits)):
+            if r.pending != len(chunk):
+                continue                      # more of the prompt to compute after this step
+            last = lg[-1:]
+            try:
+                if r.request.logits_processor is not None:
+                    last = r.request.logits_processor(r.out, last)
+                if r.params.greedy or r.params.temperature < MIN_TEMPERATURE:
+                    greedy.append((i, last))
+                else:
+                    rows.append(r.sampler(last))
+                    order.append(i)
+            except BaseException as exc:
+                self._fail(r, exc)
+        if greedy:
+            rows.append(torch.cat([lg for _, lg in greedy]).argmax(dim=-1))
+            order.extend(i for i, _ in greedy)
+        if not rows:
+            return {}
+        return dict(zip(order, torch.cat(rows).tolist()))
+
+    def _advance(self, rt, r: Running, chunk: list[int], nxt: int | None) -> None:
+        """Account this step's chunk of ``r``; ``nxt``: its sampled token, if its prompt is done."""
         s = r.session
         s.num_cached += len(chunk)
         r.computed += len(chunk)
         memory = r.turn.memory
         if "rebuild_to" in memory and "recompute_ms" not in memory and s.num_cached >= memory["rebuild_to"]:
             memory["recompute_ms"] = (time.perf_counter() - r.turn.started) * 1e3   # the dropped prefix is back
-        if s.num_cached < len(s.tokens):
+        if nxt is None:
             return                        # more of the prompt to compute
-        last = logits[-1:]
-        if r.request.logits_processor is not None:
-            last = r.request.logits_processor(r.out, last)
-        nxt = int(r.sampler(last)[0])
         if r.t_first is None:
             r.t_first = time.perf_counter()
         r.out.append(nxt)
