@@ -77,6 +77,15 @@ def interpreted_checks() -> None:
         q, kc, vc, meta = make_case(heads, kv_heads, dim, DECODE, seed=splits)
         out = tp.paged_decode(q, kc, vc, meta.block_tables, meta.token_seq, meta.kv_lens, 0.25, num_splits=splits)
         torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
+    # the launch configs the sweep chooses among: CUDA-core scores (MHA and GQA), key tiles of
+    # 16-128 (a page split across tiles, several pages a tile), an odd head_dim, 3 splits
+    for heads, kv_heads, dim, cfg in [(4, 4, 16, tp.DecodeConfig(3, block_n=16, dot=False)),
+                                      (4, 2, 24, tp.DecodeConfig(2, block_n=32, dot=False)),
+                                      (4, 1, 16, tp.DecodeConfig(1, block_n=128, num_warps=8, num_stages=3)),
+                                      (2, 2, 24, tp.DecodeConfig(4, block_n=16))]:
+        q, kc, vc, meta = make_case(heads, kv_heads, dim, DECODE, seed=dim)
+        out = tp.paged_decode(q, kc, vc, meta.block_tables, meta.token_seq, meta.kv_lens, 0.25, config=cfg)
+        torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
     # a subset of rows of a bigger q (rows=), padding entries (kv_len 0) that store nothing
     for heads, kv_heads, dim, splits in [(4, 2, 16, 1), (4, 4, 32, 3)]:
         q, kc, vc, meta = make_case(heads, kv_heads, dim, DECODE, seed=10 + splits)
@@ -99,6 +108,11 @@ def interpreted_checks() -> None:
         tiles = tp.prefill_tiles(meta.spans, rows, seqs, q.device, block_m=16)
         out = tp.paged_prefill(q, kc, vc, meta.block_tables, tiles, 0.25, block_m=16)
         torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
+    # key tiles of 16 (most of a long chunk's keys in the unmasked loop), an odd head_dim
+    q, kc, vc, meta = make_case(4, 2, 24, CHUNKS, seed=5)
+    tiles = tp.prefill_tiles(meta.spans, rows, seqs, q.device, block_m=32)
+    out = tp.paged_prefill(q, kc, vc, meta.block_tables, tiles, 0.25, config=tp.PrefillConfig(32, 16, 4, 3))
+    torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.25), atol=1e-5, rtol=1e-5)
     # padding tiles (0 rows, pointing at real rows and positions) store nothing
     pad = torch.tensor([[0, 0, 0, 0], [1, 40, 0, 20], [3, 117, 0, 100]], dtype=torch.int32)
     out = torch.full_like(q, 7.0)
@@ -114,7 +128,8 @@ def interpreted_checks() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead")
 def test_triton_kernel_interpreted_equals_naive():
     """The Triton kernels, run by Triton's CPU interpreter (float32 exact-ish, float16, GQA,
-    1 and 4 splits, a mixed batch through the backend)."""
+    1-4 splits, the launch configs a sweep may pick, rows=/out= with padding entries and
+    padding tiles, a mixed batch through the backend)."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -47,8 +48,33 @@ def _kernels(interpret: bool):
     import triton.language as tl
 
     @triton.jit
+    def _scores(q, k, DOT: tl.constexpr, IEEE: tl.constexpr):
+        # q [M, D] . k [N, D]^T -> [M, N] float32. Without DOT a broadcast product on the CUDA
+        # cores: for decode, where M is the GQA group (1 for MHA), tl.dot would pad M to 16
+        if DOT:
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+        return s
+
+    @triton.jit
+    def _weighted(p, v, DOT: tl.constexpr, IEEE: tl.constexpr):
+        # p [M, N] float32 . v [N, D] -> [M, D] float32
+        if DOT:
+            if IEEE:
+                o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                o = tl.dot(p.to(v.dtype), v)
+        else:
+            o = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        return o
+
+    @triton.jit
     def split_kernel(Q, K, V, Tables, TokSeq, KvLens, Rows, Out, PartO, PartLse,
-                     qk_scale,
+                     qk_scale, num_splits,
                      stride_qt, stride_qh,
                      stride_kb, stride_ko, stride_kh,
                      stride_vb, stride_vo, stride_vh,
@@ -58,7 +84,7 @@ def _kernels(interpret: bool):
                      stride_lt, stride_lh,
                      GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, IEEE: tl.constexpr):
+                     PARTIAL: tl.constexpr, HAS_ROWS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -70,7 +96,7 @@ def _kernels(interpret: bool):
         else:
             row = t.to(tl.int64)
         # this split's range, whole tiles only; later splits of a short context are empty
-        chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, kv_len)
 
@@ -94,45 +120,39 @@ def _kernels(interpret: bool):
             mask_n = offs_n < hi
             # masked lanes read table entry 0 of nothing: no load happens for them
             blk = tl.load(table + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
-            slot = offs_n % PAGE
+            slot = (offs_n % PAGE).to(tl.int64)
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + blk[:, None] * stride_kb + slot[:, None] * stride_ko + offs_d[None, :],
+            # both loads issued before any math: twice the bytes in flight per program
+            k = tl.load(k_base + (blk * stride_kb + slot * stride_ko)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            v = tl.load(v_base + (blk * stride_vb + slot * stride_vo)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = _scores(q, k, DOT, IEEE)
             s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vo + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _weighted(p, v, DOT, IEEE)
             m_i = m_new
 
         out_mask = mask_h[:, None] & mask_d[None, :]
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        if NUM_SPLITS == 1:
-            tl.store(Out + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(Out.dtype.element_ty), mask=out_mask)
-        else:
+        if PARTIAL:
             lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
             tl.store(PartO + t * stride_pt + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
                      out, mask=out_mask)
             tl.store(PartLse + t * stride_lt + heads * stride_lh + split, lse, mask=mask_h)
+        else:
+            tl.store(Out + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def merge_kernel(PartO, PartLse, KvLens, Rows, Out,
+    def merge_kernel(PartO, PartLse, KvLens, Rows, Out, num_splits,
                      stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                     BLOCK_S: tl.constexpr, HAS_ROWS: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     HAS_ROWS: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
         kv_len = tl.load(KvLens + t)
@@ -143,7 +163,7 @@ def _kernels(interpret: bool):
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
         # a padding entry (kv_len 0) wrote no partials: read none, store nothing
-        mask_s = offs_s < tl.where(kv_len > 0, NUM_SPLITS, 0)
+        mask_s = offs_s < tl.where(kv_len > 0, num_splits, 0)
         mask_d = offs_d < tl.where(kv_len > 0, HEAD_DIM, 0)
         lse = tl.load(PartLse + t * stride_lt + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
         m = tl.max(lse, 0)              # finite: split 0 always holds >= 1 key
@@ -152,6 +172,42 @@ def _kernels(interpret: bool):
                     mask=mask_s[:, None] & mask_d[None, :], other=0.0)
         out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
         tl.store(Out + row * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def _prefill_step(q, acc, m_i, l_i, start, pos, kv_end, offs_j, offs_d, mask_d, table, k_base, v_base,
+                      qk_scale, stride_kb, stride_ko, stride_vb, stride_vo,
+                      PAGE: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+        # one key tile of the online softmax; MASKED: the tile may hold keys past a row's position
+        offs_n = start + offs_j
+        if MASKED:
+            mask_n = offs_n < kv_end
+            blk = tl.load(table + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+        else:
+            blk = tl.load(table + offs_n // PAGE).to(tl.int64)
+        slot = (offs_n % PAGE).to(tl.int64)
+        k_ptr = k_base + (blk * stride_kb + slot * stride_ko)[:, None] + offs_d[None, :]
+        v_ptr = v_base + (blk * stride_vb + slot * stride_vo)[:, None] + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptr, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptr)
+        else:
+            k = tl.load(k_ptr, mask=mask_d[None, :], other=0.0)
+        s = _scores(q, k, True, IEEE) * qk_scale
+        if MASKED:
+            s = tl.where(mask_n[None, :] & (offs_n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))      # finite: key 0 is always visible
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptr, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptr)
+        else:
+            v = tl.load(v_ptr, mask=mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _weighted(p, v, True, IEEE)
+        return acc, m_new, l_i
 
     @triton.jit
     def prefill_kernel(Q, K, V, Tables, Tiles, Out,
@@ -164,8 +220,9 @@ def _kernels(interpret: bool):
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         # program (tile, h): up to BLOCK_M consecutive query rows of one sequence (a tile of a
-        # prefill chunk), query head h, against that sequence's keys 0 .. its last row's position
-        tile = tl.program_id(0)
+        # prefill chunk), query head h, against that sequence's keys 0 .. its last row's position.
+        # Tiles run last first: a chunk's later tiles see more keys, so the long ones start early
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
         h = tl.program_id(1)
         seq = tl.load(Tiles + tile * 4).to(tl.int64)
         row0 = tl.load(Tiles + tile * 4 + 1)
@@ -180,7 +237,7 @@ def _kernels(interpret: bool):
         mask_d = offs_d < HEAD_DIM
         # rows past the tile's end repeat its first row's position: finite, never stored
         pos = pos0 + tl.where(mask_m, offs_m, 0)
-        q = tl.load(Q + (row0 + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        q = tl.load(Q + (row0 + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -189,36 +246,22 @@ def _kernels(interpret: bool):
         k_base = K + kvh * stride_kh
         v_base = V + kvh * stride_vh
         kv_end = tl.where(n > 0, pos0 + n, 0)   # a padding tile (n == 0) loops over nothing
-        for start in range(0, kv_end, BLOCK_N):
-            offs_n = start + offs_j
-            mask_n = offs_n < kv_end
-            blk = tl.load(table + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
-            slot = offs_n % PAGE
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + blk[:, None] * stride_kb + slot[:, None] * stride_ko + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            causal = mask_n[None, :] & (offs_n[None, :] <= pos[:, None])
-            s = tl.where(causal, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))      # finite: key 0 is always visible
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vo + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        # key tiles every row of the tile sees whole (keys <= pos0) need no mask; the rest do
+        full_end = tl.minimum((pos0 + 1) // BLOCK_N * BLOCK_N, kv_end)
+        for start in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _prefill_step(q, acc, m_i, l_i, start, pos, kv_end, offs_j, offs_d, mask_d, table,
+                                          k_base, v_base, qk_scale, stride_kb, stride_ko, stride_vb, stride_vo,
+                                          PAGE, BLOCK_D == HEAD_DIM, False, IEEE)
+        for start in range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _prefill_step(q, acc, m_i, l_i, start, pos, kv_end, offs_j, offs_d, mask_d, table,
+                                          k_base, v_base, qk_scale, stride_kb, stride_ko, stride_vb, stride_vo,
+                                          PAGE, BLOCK_D == HEAD_DIM, True, IEEE)
         out = acc / l_i[:, None]
-        tl.store(Out + (row0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        tl.store(Out + (row0 + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
+    # triton resolves the helpers a kernel calls through its module's globals, not this closure
+    globals().update(_scores=_scores, _weighted=_weighted, _prefill_step=_prefill_step)
     return split_kernel, merge_kernel, prefill_kernel
 
 
@@ -233,19 +276,77 @@ def _sm_count(device: torch.device) -> int:
     return 8
 
 
-def choose_splits(tokens: int, kv_heads: int, device: torch.device, max_splits: int = 16) -> int:
-    """Splits per (token, KV head) so the launch has about two programs per SM. A function of
-    shapes only: a captured graph and an eager call of the same batch size launch the same."""
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One launch of the decode kernel: ``splits`` programs per (entry, KV head), each over whole
+    tiles of ``block_n`` keys; ``dot``: scores through tl.dot (query rows padded to 16) or through
+    a broadcast product on the CUDA cores (rows = the GQA group, 1 for MHA)."""
+
+    splits: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    dot: bool = True
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """One launch of the prefill kernel: tiles of ``block_m`` query rows, key tiles of ``block_n``."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Decode configs measured by ``benchmarks/scripts/attn_sweep.py`` on one H200 (its JSON under
+# benchmarks/results/attn-sweep-*.json; the script prints these lines, key ``decode_table``).
+# Key: (head_dim, GQA group > 1). Value: (bound, config) pairs by increasing bound, where the
+# bound is entries x kv_heads of a launch; the first bound >= the launch's applies, the last one
+# past every bound. Shapes only, never the context: a captured graph replays one launch for any
+# context, so each entry is the config best over contexts 1K-16K at that batch. Shapes the table
+# lacks get ``_heuristic`` (the kernel's behaviour before the sweep).
+DECODE_TABLE: dict[tuple[int, bool], tuple[tuple[int, DecodeConfig], ...]] = {}
+
+# The prefill kernel's tiles, from the same run (key ``prefill_config``); today's until measured.
+PREFILL_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+PREFILL_BLOCK_M = PREFILL_CONFIG.block_m     # query rows per prefill tile (graph layouts use it)
+
+
+def _heuristic(items: int, head_dim: int, device: torch.device, max_splits: int = 16) -> DecodeConfig:
+    """About two programs per SM; 64-key tiles (32 past head_dim 128), 4 warps, 2 stages."""
     splits = 1
-    while tokens * kv_heads * splits < 2 * _sm_count(device) and splits < max_splits:
+    while items * splits < 2 * _sm_count(device) and splits < max_splits:
         splits *= 2
-    return splits
+    return DecodeConfig(splits=splits, block_n=64 if head_dim <= 128 else 32)
+
+
+def decode_config(entries: int, kv_heads: int, group: int, head_dim: int, device: torch.device) -> DecodeConfig:
+    """The decode launch for ``entries`` query rows: from ``DECODE_TABLE``, else the heuristic.
+    A function of shapes only: a captured graph and an eager call of one batch size agree."""
+    items = entries * kv_heads
+    rows = DECODE_TABLE.get((head_dim, group > 1))
+    if not rows or device.type != "cuda":
+        return _heuristic(items, head_dim, device)
+    for bound, cfg in rows:
+        if items <= bound:
+            return cfg
+    return rows[-1][1]
+
+
+def choose_splits(tokens: int, kv_heads: int, device: torch.device, max_splits: int = 16, group: int = 1,
+                  head_dim: int = 128) -> int:
+    """Splits per (token, KV head) of ``decode_config``; ``max_splits`` caps the heuristic only."""
+    items = tokens * kv_heads
+    if DECODE_TABLE.get((head_dim, group > 1)) and device.type == "cuda":
+        return decode_config(tokens, kv_heads, group, head_dim, device).splits
+    return _heuristic(items, head_dim, device, max_splits).splits
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  token_seq: torch.Tensor, kv_lens: torch.Tensor, scale: float,
                  num_splits: int | None = None, rows: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
     """Attention of query rows over the paged context; returns ``out``.
 
     Without ``rows``: entry ``t`` is query row ``q[t]`` ([T, H, D]) over the first ``kv_lens[t]``
@@ -255,7 +356,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     With ``rows`` (int32 [n] on the device): entry ``t`` reads ``q[rows[t]]`` and writes
     ``out[rows[t]]`` (``out`` required, same shape as ``q``); ``token_seq``/``kv_lens`` are then
     [n], one per entry. Either way an entry with ``kv_len == 0`` stores nothing (a padding slot
-    of a captured graph). The launch depends on shapes only: no host sync, graph-capturable."""
+    of a captured graph). The launch depends on shapes only: no host sync, graph-capturable.
+    ``config`` (else ``decode_config``) sets the launch; ``num_splits`` overrides its splits."""
     H, D = q.shape[1], q.shape[2]
     _, page, kv_heads, dk = k_cache.shape
     if dk != D or v_cache.shape != k_cache.shape or H % kv_heads:
@@ -288,10 +390,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return out
     split_kernel, merge_kernel, _ = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
     group = H // kv_heads
-    block_h = max(16, _pow2(group))
+    cfg = config or decode_config(n, kv_heads, group, D, q.device)
+    splits = num_splits or cfg.splits
     block_d = max(16, _pow2(D))
-    block_n = 64 if block_d <= 128 else 32
-    splits = num_splits or choose_splits(n, kv_heads, q.device)
+    # tl.dot needs 16 rows; the broadcast product holds group x block_n x block_d values
+    block_h = max(16, _pow2(group)) if cfg.dot else _pow2(group)
     has_rows = rows is not None
     rows_arg = rows if has_rows else kv_lens      # never read without rows
     if splits > 1:
@@ -299,10 +402,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_lse = torch.empty((n, H, splits), dtype=torch.float32, device=q.device)
     else:
         part_o, part_lse = out, out   # not touched when there is one split
-    ieee = q.dtype == torch.float32
     split_kernel[(n, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, token_seq, kv_lens, rows_arg, out, part_o, part_lse,
-        scale * 1.4426950408889634,   # log2(e): the kernel works in base 2
+        scale * 1.4426950408889634, splits,   # log2(e): the kernel works in base 2
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -310,21 +412,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if splits > 1 else 0,
         part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, BLOCK_H=block_h, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=splits, HAS_ROWS=has_rows, IEEE=ieee, num_warps=4, num_stages=2,
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=cfg.block_n,
+        PARTIAL=splits > 1, HAS_ROWS=has_rows, DOT=cfg.dot, IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         merge_kernel[(n, H)](
-            part_o, part_lse, kv_lens, rows_arg, out,
+            part_o, part_lse, kv_lens, rows_arg, out, splits,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_S=max(2, _pow2(splits)),
-            HAS_ROWS=has_rows, num_warps=4,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, _pow2(splits)), HAS_ROWS=has_rows, num_warps=4,
         )
     return out
-
-
-PREFILL_BLOCK_M = 64     # query rows per program of the prefill kernel
 
 
 def prefill_tiles(spans, rows: list[int], seqs: list[int], device: torch.device, block_m: int = PREFILL_BLOCK_M
@@ -338,11 +437,12 @@ def prefill_tiles(spans, rows: list[int], seqs: list[int], device: torch.device,
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   tiles: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                  block_m: int = PREFILL_BLOCK_M) -> torch.Tensor:
+                  block_m: int | None = None, config: PrefillConfig | None = None) -> torch.Tensor:
     """Causal attention of prefill chunks read in place from the pool: each tile's query rows
-    (``prefill_tiles``) against keys 0 .. its row's position of its sequence. Writes the tiles'
-    rows of ``out`` ([T, H, D], allocated if None) and returns it; other rows are untouched, and
-    a tile with 0 rows (padding of a captured graph) reads and stores nothing."""
+    (``prefill_tiles``, cut at ``block_m`` rows: the config's unless given) against keys 0 .. its
+    row's position of its sequence. Writes the tiles' rows of ``out`` ([T, H, D], allocated if
+    None) and returns it; other rows are untouched, and a tile with 0 rows (padding of a
+    captured graph) reads and stores nothing."""
     T, H, D = q.shape
     _, page, kv_heads, dk = k_cache.shape
     if dk != D or v_cache.shape != k_cache.shape or H % kv_heads:
@@ -357,6 +457,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     if tiles.shape[0] == 0:
         return out
+    cfg = config or PREFILL_CONFIG
     _, _, prefill_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
     block_d = max(16, _pow2(D))
     prefill_kernel[(tiles.shape[0], H)](
@@ -367,9 +468,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        BLOCK_N=64 if block_d <= 128 else 32, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m or cfg.block_m,
+        BLOCK_N=cfg.block_n if block_d <= 128 else min(cfg.block_n, 32), IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
