@@ -21,6 +21,21 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 _CACHE: dict = {}
 
+# Packages of the OpenAI-compatible front end (src/djinn/server/http). The project depends on
+# them, but a machine set up by hand may lack one (the GPU machine had no openai): a test module
+# that needs them calls ``require`` before importing them, so the suite still collects there and
+# skips what cannot run.
+HTTP_DEPS = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def require(*modules: str) -> None:
+    """Skip the calling test module (called at module level) or test unless each of ``modules``
+    can be imported."""
+    __tracebackhide__ = True  # the skip is reported at the caller's line
+    for name in modules:
+        pytest.importorskip(name, reason=f"needs {name}, which is not installed (pip install -e '.[test]')")
+
+
 # Environment of the servers and clients tests start as processes: one intra-op thread. The
 # test models are tiny, and on a shared 2-core machine torch's OpenMP threads of a server,
 # its clients and pytest only wait on each other (measured: a tiny-llama decode step takes

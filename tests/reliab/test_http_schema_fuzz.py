@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
-pytest.importorskip("fastapi")
+from tests.conftest import HTTP_DEPS, require
+
+require("schemathesis", *HTTP_DEPS)
+import schemathesis  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

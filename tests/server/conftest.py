@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import smollm2_available
+from tests.conftest import HTTP_DEPS, require, smollm2_available
 from tests.server.http_helpers import smollm2_server
 
 
@@ -12,8 +12,7 @@ from tests.server.http_helpers import smollm2_server
 def server():
     if not smollm2_available():
         pytest.skip("smollm2-135m not in the model cache: run `djinn models pull smollm2-135m`")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
+    require(*HTTP_DEPS, "openai")
     s = smollm2_server()
     yield s
     s.stop()

@@ -6,10 +6,15 @@ import json
 import time
 
 import httpx
-import openai
 import pytest
 
-from tests.server.http_helpers import KEY, SYSTEM, WEATHER
+from tests.conftest import HTTP_DEPS, require
+
+require(*HTTP_DEPS, "openai")
+
+import openai  # noqa: E402
+
+from tests.server.http_helpers import KEY, SYSTEM, WEATHER  # noqa: E402
 
 MODEL = "smollm2-135m"
 

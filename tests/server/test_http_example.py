@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.server.http_helpers import KEY
+from tests.conftest import HTTP_DEPS, require
+
+require(*HTTP_DEPS, "openai")  # the example's client, and the server it talks to
+
+from tests.server.http_helpers import KEY  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "openai_agent_loop.py"
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("fastapi")
+from tests.conftest import HTTP_DEPS, require
+
+require(*HTTP_DEPS)
+
 from fastapi.testclient import TestClient  # noqa: E402
 
 from djinn.config import EngineConfig, MemoryConfig  # noqa: E402
 from djinn.engine import Engine  # noqa: E402
 from djinn.server.http import HttpConfig, create_app  # noqa: E402
-
 from tests.conftest import loaded  # noqa: E402
 
 

@@ -4,10 +4,15 @@ sessions never cross between conversations or API keys, and diverging history is
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from tests.server.http_helpers import KEY, OTHER_KEY, SYSTEM, assistant_message
+from tests.conftest import HTTP_DEPS, require
+
+require(*HTTP_DEPS, "openai")
+
+import openai  # noqa: E402
+
+from tests.server.http_helpers import KEY, OTHER_KEY, SYSTEM, assistant_message  # noqa: E402
 
 MODEL = "smollm2-135m"
 

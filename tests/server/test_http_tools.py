@@ -6,7 +6,11 @@ import json
 
 import pytest
 
-from tests.server.http_helpers import SYSTEM, TIME, WEATHER, assistant_message, smollm2_server
+from tests.conftest import HTTP_DEPS, require
+
+require(*HTTP_DEPS, "openai")
+
+from tests.server.http_helpers import SYSTEM, TIME, WEATHER, assistant_message, smollm2_server  # noqa: E402
 
 MODEL = "smollm2-135m"
 NAMED = {"type": "function", "function": {"name": "get_weather"}}

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("fastapi")
+from tests.conftest import HTTP_DEPS, require
+
+require(*HTTP_DEPS)
 
 from djinn.errors import CapacityError, Cancelled, SessionNotFound  # noqa: E402
 from djinn.server.http import validate  # noqa: E402
