@@ -5,8 +5,9 @@ exactly what transformers computes, so comparing either with transformers cannot
 path a white-box operation took. Here the batched path's attention is swapped for
 ``MathAttention`` (float64 softmax attention, rounded back), so its logits differ from
 transformers' by rounding, as the GPU's paged kernel and fused norms do. The oracles are
-then the plain path itself, run without any white-box part: a plain ``generate`` (its
-sampled logits recorded at the sampler) and a plain batched forward through engine/batch.py.
+then the plain path itself, run without any white-box part: a plain ``generate`` (the logits
+of each token recorded by a ``logits_processor`` that changes nothing; a white-box turn's are
+recorded at its sampler) and a plain batched forward through engine/batch.py.
 A paused and resumed generation or forward must equal them token for token and logit for
 logit (``torch.equal``). Interventions are checked against transformers with forward hooks
 (its own model, not Djinn code) on the unmodified reference attention.
@@ -60,7 +61,7 @@ def math_attention(monkeypatch):
 
 @pytest.fixture
 def sampled(monkeypatch):
-    """Every logits row a sampler is given, in order (plain and white-box turns both sample there)."""
+    """Every logits row a white-box turn samples from, in order (its ``Sampler`` is given them)."""
     rows: list[torch.Tensor] = []
     call = Sampler.__call__
 
@@ -78,6 +79,11 @@ def make_engine(lm, **config) -> Engine:
 
 def turn(eng, sid, ids, n, sampled, **wb):
     """One generate (resumed unchanged if it pauses): its tokens and the logits it sampled from."""
+    if not wb:        # a plain turn: what its logits processor sees (the batcher may sample without a Sampler)
+        seen: list[torch.Tensor] = []
+        out = eng.generate(sid, GenerateRequest(ids, greedy(n), logits_processor=lambda _, x: seen.append(x.clone())
+                                                or x))
+        return out.token_ids, seen
     sampled.clear()
     out = eng.generate(sid, GenerateRequest(ids, greedy(n), **wb))
     if out.paused is not None:

@@ -6,15 +6,16 @@ plain path beside them, so pausing, an intervention or a capture changes nothing
 - where plain turns are batched (``EngineConfig.batching``, weights resident: the condition of
   ``Engine._generate``), a step is a one-item batch through engine/batch.py (``BatchedStep``):
   Djinn's paged attention backend and, on CUDA, the fused norm/rotary kernels, the kernels a
-  plain turn's step runs; a whole unhooked decode step replays the batcher's CUDA graph, as a
-  plain decode step does; the layer hook is the item's ``BatchItem.hook``;
+  plain turn's step runs; a whole step without a hook (not paused) replays the batcher's CUDA
+  graph for its token count, as a plain step does; the layer hook is the item's ``BatchItem.hook``;
 - otherwise (batching off, streamed weights: ``Engine._run_turn``) it is the single-session
   Executor over a ``PagedCache`` (``SerialStep``), with the weight streamer as layer source.
 
 So a forward paused after layer N and resumed unchanged computes what the same forward
-unpaused computes, bit for bit, on any device. (Whether a plain turn computes the same bits
-as well also depends on its shapes: a plain prefill runs in chunks of
-``prefill_chunk_tokens`` and a plain decode shares its step with other sessions' rows.)
+unpaused computes, bit for bit, on any device. Whether a plain turn computes the same bits
+as well depends on its shapes: a plain prefill runs in chunks of ``prefill_chunk_tokens``, a
+plain step may share its matrices with other sessions' rows, and a step that replays a graph
+computes over its token bucket, padded; a paused step runs eagerly over its own tokens.
 
 A step holds what finishing it needs: the layer arguments the model's own code built, its
 block table (``rebind`` re-points it after the session's blocks moved while paused) and its
@@ -211,7 +212,8 @@ def open_step(engine: "Engine", rt: "ModelRuntime", block_table: list[int], star
     """A step over ``tokens`` (positions ``start..``) on the path plain turns of ``rt`` take.
     The caller has grown ``block_table`` to hold them."""
     if batched(engine, rt):
-        # an unhooked decode step replays the batcher's decode graph (bucket 1), as a plain one does
-        graphs = engine.batcher._graphs_for(rt, 1) if hook is None and len(tokens) == 1 else None
+        # a whole step without a hook replays the batcher's graph for its token count when one
+        # fits (``graphs.accepts``), as a plain step of the same tokens does
+        graphs = engine.batcher._graphs_for(rt, len(tokens)) if hook is None and not all_logits else None
         return BatchedStep(rt.executor, rt.pool, block_table, start, tokens, hook, all_logits, graphs)
     return SerialStep(rt.executor, PagedCache(rt.pool, block_table, start, len(tokens)), tokens, hook, all_logits)
