@@ -15,6 +15,11 @@ logit (``torch.equal``). Interventions are checked against transformers with for
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -218,3 +223,45 @@ def test_interventions_over_a_chunked_prompt_equal_transformers_with_forward_hoo
         assert torch.equal(captured, recorded)
     finally:
         eng.shutdown()
+
+
+def interpreted_run() -> None:
+    """Run inside a process started with TRITON_INTERPRET=1: the batched path with the GPU's
+    kernels (Triton paged attention, fused RMSNorm and rotary) through Triton's interpreter."""
+    from djinn.attention.triton_paged import TritonPagedBackend
+    from djinn.engine import batch, fused
+
+    batch.backend_for = lambda device, name=None: TritonPagedBackend()
+    fused.available = lambda device: True
+    rows: list[torch.Tensor] = []
+    call = Sampler.__call__
+
+    def spy(self, logits):   # (the process ends after this run: nothing to restore)
+        rows.append(logits.clone())
+        return call(self, logits)
+
+    Sampler.__call__ = spy
+    lm = loaded("tiny-llama")
+    eng = make_engine(lm)
+    try:
+        for n, step in ((12, 0), (40, 2)):          # a whole prefill paused; a chunked one, then a decode
+            ids = prompt(lm, n, n)
+            want = turn(eng, eng.open_session("m"), ids, 4, rows)
+            with torch.inference_mode():
+                hf = lm.model(torch.tensor([ids]), logits_to_keep=1).logits[0]
+            assert not torch.equal(want[1][0], hf)    # the kernels are not transformers' numerics
+            assert_same(turn(eng, eng.open_session("m"), ids, 4, rows, breakpoint=(1, step)), want, (n, step))
+    finally:
+        eng.shutdown()
+    print("interpreted white-box numerics passed")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_whitebox_cuda.py runs the compiled kernels")
+def test_a_paused_generation_on_the_gpu_kernels_interpreted_is_bitwise_the_plain_one():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]))
+    code = "from tests.engine.test_whitebox_numerics import interpreted_run; interpreted_run()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
