@@ -1,4 +1,4 @@
-"""The eager warm-up (``Batcher.warm_eager``) runs each eager step shape once on scratch blocks
+"""The eager warm-up (``ModelRunner.warm_eager``) runs each eager step shape once on scratch blocks
 and gives them back: the pool is as it was, and later turns still give transformers' tokens."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_warm_eager_returns_its_blocks_and_changes_no_output(tiny_llama):
     try:
         rt = eng.runtime("m")
         free = rt.pool.free_count
-        assert eng.loop.call(eng.batcher.warm_eager, rt) is True
+        assert eng.loop.call(eng.batcher.runner.warm_eager, rt) is True
         assert rt.pool.free_count == free and rt.pool.used_count == 0
         sid = eng.open_session("m")
         assert eng.generate(sid, GenerateRequest(prompt, greedy(12))).token_ids == want
@@ -33,7 +33,7 @@ def test_warm_eager_skips_a_pool_too_small_for_its_shapes(tiny_llama):
     eng = _engine(tiny_llama, 8)
     try:
         rt = eng.runtime("m")
-        assert eng.loop.call(eng.batcher.warm_eager, rt) is False
+        assert eng.loop.call(eng.batcher.runner.warm_eager, rt) is False
         assert rt.pool.used_count == 0
     finally:
         eng.shutdown()

@@ -115,7 +115,7 @@ class Engine(Admission):
         took = {"weights_s": round(weights_s, 2)} if weights_s is not None else {}
         took["kv_pools_s"] = round(time.perf_counter() - t, 2)
         if self.config.warmup and self.config.batching:
-            took.update(self.batcher.warmup(rt))
+            took.update(self.batcher.runner.warmup(rt))
         took["total_s"] = round(sum(took.values()), 2)
         self.load_times[name] = took
 

@@ -214,6 +214,6 @@ def open_step(engine: "Engine", rt: "ModelRuntime", block_table: list[int], star
     if batched(engine, rt):
         # a whole step without a hook replays the batcher's graph for its token count when one
         # fits (``graphs.accepts``), as a plain step of the same tokens does
-        graphs = engine.batcher._graphs_for(rt, len(tokens)) if hook is None and not all_logits else None
+        graphs = engine.batcher.runner.graphs_for(rt, len(tokens)) if hook is None and not all_logits else None
         return BatchedStep(rt.executor, rt.pool, block_table, start, tokens, hook, all_logits, graphs)
     return SerialStep(rt.executor, PagedCache(rt.pool, block_table, start, len(tokens)), tokens, hook, all_logits)
