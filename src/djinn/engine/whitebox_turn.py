@@ -56,8 +56,10 @@ class WhiteboxTurn:
             end = len(s.tokens)
             pause = self.breakpoint is not None and self.breakpoint[1] == self.step
             if chunk is not None and not pause:
-                while end - s.num_cached > chunk:        # the prompt's leading chunks: K/V only
-                    self._open(chunk, end).run()
+                while end - s.num_cached > chunk:
+                    # a leading chunk of the prompt: its K/V; whole, so that without a hook it
+                    # replays the plain step's graph (its last row's logits go unused, as there)
+                    self._open(chunk, end).finish()
                     s.num_cached += chunk
                     self.computed += chunk
             st = self._open(end - s.num_cached, end)
