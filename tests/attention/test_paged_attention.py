@@ -183,7 +183,8 @@ def test_gpu_backend_mixed_batch_equals_reference(dtype, prefill, heads, kv_head
 @pytest.mark.parametrize("splits", [1, 4])
 def test_gpu_rows_and_padding_in_a_graph(splits):
     """rows= picks a subset of a packed batch's rows; kv_len 0 entries (graph padding) store
-    nothing; the call captures into a CUDA graph and replays with new contexts."""
+    nothing; the call captures into a CUDA graph, and a replay after the contexts changed in
+    place computes what an eager call over the new contexts does."""
     from djinn.attention.triton_paged import paged_decode
 
     q, kc, vc, meta = make_case(32, 8, 128, LONG, dtype=torch.float16, device="cuda")
@@ -206,3 +207,51 @@ def test_gpu_rows_and_padding_in_a_graph(splits):
     torch.testing.assert_close(out[picked].float(), ref[picked], **TOL[torch.float16])
     untouched = [r for r in range(q.shape[0]) if r not in picked]
     assert (out[untouched] == 7.0).all()
+    # new contexts, same launch: shorter ones, and an entry that becomes padding
+    lens.copy_(torch.tensor([1, 5, 0, 17, 0, 0], dtype=torch.int32))
+    graph.replay()
+    eager = torch.full_like(q, 7.0)
+    paged_decode(q, kc, vc, meta.block_tables, seq, lens, 0.088, num_splits=splits, rows=rows, out=eager)
+    torch.cuda.synchronize()
+    live = [8, 2, 0]
+    torch.testing.assert_close(out[live], eager[live])
+    assert (eager[5] == 7.0).all()
+    torch.testing.assert_close(out[5].float(), ref[5], **TOL[torch.float16])   # kept from the first replay
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+@pytest.mark.parametrize("splits,block_n,warps,stages,dot", [(1, 16, 4, 1, False), (4, 32, 8, 1, False),
+                                                            (8, 128, 8, 3, True), (3, 16, 4, 2, True),
+                                                            (2, 64, 8, 2, True)])
+def test_gpu_decode_configs_equal_reference(dtype, heads, kv_heads, splits, block_n, warps, stages, dot):
+    """Every kind of launch the sweep may write into DECODE_TABLE."""
+    from djinn.attention.triton_paged import DecodeConfig, paged_decode
+
+    config = DecodeConfig(splits, block_n=block_n, num_warps=warps, num_stages=stages, dot=dot)
+    q, kc, vc, meta = make_case(heads, kv_heads, 128, LONG, dtype=dtype, device="cuda", layers=2)
+    out = paged_decode(q, kc, vc, meta.block_tables, meta.token_seq, meta.kv_lens, 0.088, config=config)
+    ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), meta, 0.088)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+@pytest.mark.parametrize("block_m,block_n,warps,stages", [(128, 64, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2),
+                                                          (64, 128, 8, 2)])
+def test_gpu_prefill_configs_equal_reference(heads, kv_heads, block_m, block_n, warps, stages):
+    """The prefill tiles the sweep may choose, chunks at offsets that are and are not multiples
+    of the key tile (unmasked and diagonal key tiles)."""
+    from djinn.attention import triton_paged as tp
+
+    q, kc, vc, meta = make_case(heads, kv_heads, 128, BIG, dtype=torch.float16, device="cuda")
+    seqs = list(range(len(BIG)))
+    rows = [sum(n for _, n in BIG[:i]) for i in seqs]
+    tiles = tp.prefill_tiles(meta.spans, rows, seqs, q.device, block_m=block_m)
+    out = tp.paged_prefill(q, kc, vc, meta.block_tables, tiles, 0.088,
+                           config=tp.PrefillConfig(block_m, block_n, warps, stages))
+    ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), meta, 0.088)
+    torch.testing.assert_close(out.float(), ref, **TOL[torch.float16])

@@ -72,7 +72,9 @@ def _kernels(interpret: bool):
             o = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
         return o
 
-    @triton.jit
+    # the split count (and the LSE strides that follow it) are not specialized: one compile serves
+    # every split count, where triton would compile variants for 1 and for multiples of 16
+    @triton.jit(do_not_specialize=["num_splits", "stride_lt", "stride_lh"])
     def split_kernel(Q, K, V, Tables, TokSeq, KvLens, Rows, Out, PartO, PartLse,
                      qk_scale, num_splits,
                      stride_qt, stride_qh,
@@ -84,7 +86,7 @@ def _kernels(interpret: bool):
                      stride_lt, stride_lh,
                      GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PARTIAL: tl.constexpr, HAS_ROWS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+                     HAS_ROWS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -139,7 +141,7 @@ def _kernels(interpret: bool):
         out_mask = mask_h[:, None] & mask_d[None, :]
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        if PARTIAL:
+        if num_splits > 1:
             lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
             tl.store(PartO + t * stride_pt + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
                      out, mask=out_mask)
@@ -148,7 +150,7 @@ def _kernels(interpret: bool):
             tl.store(Out + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                      out.to(Out.dtype.element_ty), mask=out_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits", "stride_lt", "stride_lh"])
     def merge_kernel(PartO, PartLse, KvLens, Rows, Out, num_splits,
                      stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -397,11 +399,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_h = max(16, _pow2(group)) if cfg.dot else _pow2(group)
     has_rows = rows is not None
     rows_arg = rows if has_rows else kv_lens      # never read without rows
-    if splits > 1:
-        part_o = torch.empty((n, H, splits, D), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((n, H, splits), dtype=torch.float32, device=q.device)
-    else:
-        part_o, part_lse = out, out   # not touched when there is one split
+    # with one split the partial buffers are never touched; a 1-element stand-in (float32, strides
+    # of the same divisibility) keeps the kernel's signature, so it does not compile again
+    part_o = torch.empty((n, H, splits, D) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((n, H, splits) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    po_strides = (H * splits * D, splits * D, D)
+    lse_strides = (H * splits, splits)
     split_kernel[(n, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, token_seq, kv_lens, rows_arg, out, part_o, part_lse,
         scale * 1.4426950408889634, splits,   # log2(e): the kernel works in base 2
@@ -410,16 +413,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2) if splits > 1 else 0,
-        part_lse.stride(0), part_lse.stride(1),
+        *po_strides, *lse_strides,
         GROUP=group, BLOCK_H=block_h, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=cfg.block_n,
-        PARTIAL=splits > 1, HAS_ROWS=has_rows, DOT=cfg.dot, IEEE=q.dtype == torch.float32,
+        HAS_ROWS=has_rows, DOT=cfg.dot, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         merge_kernel[(n, H)](
             part_o, part_lse, kv_lens, rows_arg, out, splits,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+            *po_strides, *lse_strides,
             out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, _pow2(splits)), HAS_ROWS=has_rows, num_warps=4,
         )
