@@ -176,3 +176,46 @@ async def _aread_raw(data: bytes, **kwargs) -> list:
 def aread_raw(data: bytes, **kwargs) -> list:
     """Like recv_raw, through asyncio streams (read_message)."""
     return asyncio.run(_aread_raw(data, **kwargs))
+
+
+class _CountingSocket:
+    """A non-blocking socket that counts the system calls that send."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.calls = sock, 0
+
+    def send(self, data) -> int:
+        self.calls += 1
+        return self.sock.send(data)
+
+    def sendmsg(self, buffers) -> int:
+        self.calls += 1
+        return self.sock.sendmsg(buffers)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def send_on_loop(send, tensors: list[torch.Tensor], sndbuf: int | None = None) -> tuple[frames.Message, int]:
+    """Send one frame with ``send(loop, sock)`` on an event loop while a thread receives it (and
+    checks its tensors); returns the frame and how many system calls sent it."""
+    a, b = socket.socketpair()
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    a.setblocking(False)
+    b.settimeout(TIMEOUT)
+    counting = _CountingSocket(a)
+    got: list = []
+    with a, b:
+        reader = threading.Thread(target=lambda: got.append(frames.recv_message(b)))
+        reader.start()
+
+        async def main():
+            await asyncio.wait_for(send(asyncio.get_running_loop(), counting), TIMEOUT)
+
+        asyncio.run(main())
+        reader.join(TIMEOUT)
+    assert len(got[0].tensors) == len(tensors)
+    assert all(torch.equal(x, y) for x, y in zip(got[0].tensors, tensors))
+    return got[0], counting.calls
+

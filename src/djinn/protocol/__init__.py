@@ -20,8 +20,9 @@ bytes, before any allocation. Tensors come from a closed set of ten dtypes
 Transport: asyncio streams (:func:`read_message`, :func:`write_message`) and plain blocking
 sockets, as in the synchronous client (:func:`recv_message`, :func:`send_message`); all
 speak the same frames (:func:`encode_message` is shared). The server reads and writes with
-the event loop's ``sock_recv_into``/``sock_sendall`` on the same checks
-(``djinn/server/wire.py``), which saves the StreamReader's extra copy.
+its event loop on non-blocking sockets (``djinn/server/wire.py``: ``sock_recv_into`` and
+:func:`~djinn.protocol.frames.sock_sendmsg_all`) on the same checks, which saves the
+StreamReader's extra copy.
 
 Messages (:mod:`.messages`): a request is ``{"op", "id", **fields}``, a reply ``{"id",
 "ok", **result}`` or ``{"id", "ok": false, "error": {"code", "message"}}``; one
@@ -31,13 +32,15 @@ declarative schema per op, unknown fields rejected by name. Errors cross the wir
 as a closed-vocabulary expression tree (:mod:`.expr`).
 
 Copies of a 64 MB tensor, per side (beyond the kernel's own socket copies):
-- sending, blocking socket: none. ``sendmsg`` gathers [prefix, header, tensor memory...].
-- sending, asyncio, Python >= 3.12: none (``writelines`` keeps memoryviews and uses
+- sending, blocking socket or the server's event loop: none. ``sendmsg`` gathers [prefix,
+  header, tensor memory...] in one call while the socket has room.
+- sending, asyncio streams, Python >= 3.12: none (``writelines`` keeps memoryviews and uses
   ``sendmsg``). Python 3.11: at most one, when the transport buffers what the kernel did
   not take at once (we write in 1 MiB pieces; 3.11's ``writelines`` would join all first).
-- receiving, blocking socket: none. ``recv_into`` fills one ``bytearray`` per payload and
-  the tensors are ``torch.frombuffer`` views of it (writable, zero-copy).
-- receiving, asyncio: one into the payload ``bytearray`` (StreamReader has no readinto;
+- receiving, blocking socket or the server's event loop: none. ``recv_into`` fills one
+  payload buffer (``frames.payload_buffer``: allocated without a zero fill, as every byte
+  is received into it) and the tensors are ``torch.frombuffer`` views of it (writable).
+- receiving, asyncio streams: one into the payload buffer (StreamReader has no readinto;
   its pieces of a few hundred KiB pass through its own small buffer on the way).
 - non-contiguous or device tensors are made contiguous / moved to the CPU first (one copy,
   the sender's); a tensor is copied on receipt only if its address were misaligned.

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import msgpack
+import numpy as np
 import torch
 
 from djinn.errors import ProtocolError
@@ -176,8 +177,17 @@ def decode_header(data: bytes, payload_len: int, max_bytes: int) -> tuple[dict[s
     return header, specs
 
 
-def build_tensors(payload: bytearray, specs: list[tuple]) -> list[torch.Tensor]:
-    """Tensors viewing ``payload`` in place; checks that padding bytes are zero."""
+def payload_buffer(nbytes: int) -> memoryview:
+    """A writable buffer for a payload of ``nbytes`` that a receive fills in place.
+
+    Not zero-filled, unlike ``bytearray(n)``: a frame's payload is used only once every byte
+    of it was received. On the 2-core CPU machine the zero fill cost 0.16 ms per 4 MiB and a
+    fresh 64 MiB ``bytearray`` 30 ms (numpy's allocation asks the kernel for huge pages)."""
+    return memoryview(np.empty(nbytes, dtype=np.uint8))
+
+
+def build_tensors(payload: bytearray | memoryview, specs: list[tuple]) -> list[torch.Tensor]:
+    """Tensors viewing ``payload`` (a writable buffer) in place; checks that padding bytes are zero."""
     out, pos = [], 0
     for i, (dtype, shape, nbytes) in enumerate(specs):
         out.append(tcodec.tensor_from_payload(payload, pos, dtype, shape, nbytes, i))
@@ -202,7 +212,7 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
 
 # ---------------------------------------------------------------- asyncio streams
 
-async def _read_into(reader: asyncio.StreamReader, buf: bytearray, what: str, at_boundary: bool = False) -> None:
+async def _read_into(reader: asyncio.StreamReader, buf: bytearray | memoryview, what: str, at_boundary: bool = False) -> None:
     # StreamReader has no readinto: each read() hands back what is buffered (a few hundred
     # KiB, cache-hot), which is copied into its final place in ``buf``.
     view, pos, n = memoryview(buf), 0, len(buf)
@@ -230,7 +240,7 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
     head = bytearray(hlen)
     await _read_into(reader, head, "header")
     header, specs = decode_header(head, plen, max_bytes)
-    payload = bytearray(plen)
+    payload = payload_buffer(plen)
     await _read_into(reader, payload, "payload")
     return Message(header, build_tensors(payload, specs))
 
@@ -258,7 +268,7 @@ async def write_message(writer: asyncio.StreamWriter, header: dict[str, Any],
 
 # ---------------------------------------------------------------- blocking sockets
 
-def _recv_into(sock: socket.socket, buf: bytearray, what: str, at_boundary: bool = False) -> None:
+def _recv_into(sock: socket.socket, buf: bytearray | memoryview, what: str, at_boundary: bool = False) -> None:
     view, pos, n = memoryview(buf), 0, len(buf)
     try:
         while pos < n:
@@ -283,15 +293,31 @@ def recv_message(sock: socket.socket, max_bytes: int = DEFAULT_MAX_BYTES, *,
     head = bytearray(hlen)
     _recv_into(sock, head, "header")
     header, specs = decode_header(head, plen, max_bytes)
-    payload = bytearray(plen)
+    payload = payload_buffer(plen)
     _recv_into(sock, payload, "payload")
     return Message(header, build_tensors(payload, specs))
 
 
+def _byte_views(pieces: Sequence[Any]) -> list[memoryview]:
+    views = [memoryview(p).cast("B") for p in pieces]
+    return [v for v in views if len(v)]
+
+
+def _advance(views: list[memoryview], i: int, sent: int) -> int:
+    """Account ``sent`` bytes of a ``sendmsg`` of ``views[i:]``; returns the first view not fully
+    sent (trimmed to its unsent tail)."""
+    while sent and i < len(views):
+        if sent >= len(views[i]):
+            sent -= len(views[i])
+            i += 1
+        else:
+            views[i], sent = views[i][sent:], 0
+    return i
+
+
 def send_message(sock: socket.socket, header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> None:
     """Send one frame with ``sendmsg`` (scatter/gather: the tensors' memory is not copied)."""
-    views = [memoryview(p).cast("B") for p in encode_message(header, tensors)]
-    views = [v for v in views if len(v)]
+    views = _byte_views(encode_message(header, tensors))
     try:
         if not hasattr(sock, "sendmsg"):
             for v in views:
@@ -299,14 +325,37 @@ def send_message(sock: socket.socket, header: dict[str, Any], tensors: Sequence[
             return
         i = 0
         while i < len(views):
-            sent = sock.sendmsg(views[i:i + _IOV_BATCH])
-            while sent and i < len(views):
-                if sent >= len(views[i]):
-                    sent -= len(views[i])
-                    i += 1
-                else:
-                    views[i], sent = views[i][sent:], 0
+            i = _advance(views, i, sock.sendmsg(views[i:i + _IOV_BATCH]))
     except TimeoutError:
         raise
     except OSError as exc:
         raise ConnectionClosed(f"connection lost while sending: {exc}") from None
+
+
+# ---------------------------------------------------------------- non-blocking sockets (an event loop's)
+
+async def sock_sendmsg_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, pieces: Sequence[Any]) -> None:
+    """Send every byte of ``pieces`` on a non-blocking socket: ``sendmsg`` gathers all of them
+    (prefix, header and each tensor's own memory, not copied or joined) in one call while the
+    socket takes them, and the loop waits for room in between. The pieces must not change
+    until it returns. OSError (ValueError once the socket is closed) is the caller's."""
+    views = _byte_views(pieces)
+    i = 0
+    while i < len(views):
+        try:
+            sent = sock.sendmsg(views[i:i + _IOV_BATCH])
+        except (BlockingIOError, InterruptedError):
+            await _writable(loop, sock)
+            continue
+        i = _advance(views, i, sent)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    # the callback can run again before the waiting task does: set the result once
+    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)

@@ -11,8 +11,8 @@ Copies (the invariant the frame layer relies on):
   own memory: no copy. A non-contiguous tensor is made contiguous (one copy), a device
   tensor is moved to the CPU (one copy); both are the caller's cost, stated here.
 - decoding (:func:`tensor_from_payload`) is a zero-copy ``torch.frombuffer`` view of the
-  payload buffer, which the frame layer always allocates as a writable ``bytearray``, so
-  the tensor is writable and keeps the buffer alive. It copies only when the tensor's
+  payload buffer, which the frame layer always allocates writable (``frames.payload_buffer``),
+  so the tensor is writable and keeps the buffer alive. It copies only when the tensor's
   address is not a multiple of its item size (cannot happen with our padding and malloc's
   16-byte alignment, but is checked rather than assumed).
 
@@ -131,7 +131,7 @@ def check_descriptor(desc: Any, index: int, max_bytes: int) -> tuple[torch.dtype
     return dtype, tuple(shape), nbytes
 
 
-def tensor_from_payload(payload: bytearray, offset: int, dtype: torch.dtype,
+def tensor_from_payload(payload: bytearray | memoryview, offset: int, dtype: torch.dtype,
                         shape: tuple[int, ...], nbytes: int, index: int = 0) -> torch.Tensor:
     """View ``nbytes`` of ``payload`` at ``offset`` as a tensor (zero-copy when aligned)."""
     if nbytes == 0:

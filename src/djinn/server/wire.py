@@ -3,9 +3,10 @@
 ``djinn.protocol`` reads frames from asyncio streams too, but a ``StreamReader`` hands
 back what it buffered and the bytes are copied once more into the payload; measured on
 loopback that caps a 4 MB upload near 1 GB/s. Here the payload is read with
-``loop.sock_recv_into`` straight into the buffer its tensors will view, and replies are
-sent with ``loop.sock_sendall`` from the tensors' own memory (small pieces, the prefix
-and header, are joined into one send so a small reply is one segment). The checks are
+``loop.sock_recv_into`` straight into the buffer its tensors will view (not zero-filled
+first: ``frames.payload_buffer``), and a reply is sent with gathered ``sendmsg`` calls from
+the prefix, the header and the tensors' own memory (``frames.sock_sendmsg_all``: a small
+reply is one segment and one system call, a large one never joined). The checks are
 the protocol's own (``frames.parse_prefix``, ``decode_header``, ``build_tensors``), in the
 same order: nothing is allocated for a frame before its prefix and header passed.
 """
@@ -21,10 +22,8 @@ import torch
 from djinn.protocol import frames
 from djinn.protocol.frames import ConnectionClosed, Message
 
-_JOIN_BELOW = 64 << 10   # pieces smaller than this are joined into one send
 
-
-async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, buf: bytearray, what: str,
+async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, buf: bytearray | memoryview, what: str,
                      at_boundary: bool = False) -> None:
     view, pos, n = memoryview(buf), 0, len(buf)
     try:
@@ -48,27 +47,16 @@ async def recv_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket, max_b
     head = bytearray(hlen)
     await _recv_into(loop, sock, head, "header")
     header, specs = frames.decode_header(head, plen, max_bytes)
-    payload = bytearray(plen)
+    payload = frames.payload_buffer(plen)
     await _recv_into(loop, sock, payload, "payload")
     return Message(header, frames.build_tensors(payload, specs))
 
 
 async def send_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket, header: dict[str, Any],
                      tensors: Sequence[torch.Tensor] = ()) -> None:
-    """Write one frame; big tensors go from their own memory. They must not change meanwhile."""
-    small = bytearray()
+    """Write one frame; tensors go from their own memory. They must not change meanwhile."""
     try:
-        for piece in frames.encode_message(header, tensors):
-            view = memoryview(piece).cast("B")
-            if len(view) < _JOIN_BELOW:
-                small += view
-                continue
-            if small:
-                await loop.sock_sendall(sock, small)
-                small = bytearray()
-            await loop.sock_sendall(sock, view)
-        if small:
-            await loop.sock_sendall(sock, small)
+        await frames.sock_sendmsg_all(loop, sock, frames.encode_message(header, tensors))
     except (ConnectionError, OSError, ValueError) as exc:   # ValueError: the socket was closed under us
         raise ConnectionClosed(f"connection lost while sending: {exc}") from None
 
