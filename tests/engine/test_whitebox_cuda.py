@@ -113,11 +113,13 @@ def test_cuda_a_paused_session_leaves_the_device_while_another_runs():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_a_paused_generation_samples_from_the_plain_generations_logits(dtype, sampled):  # noqa: F811
     """Issue 25's "one set of numerics": paused at any layer of the prefill or of a decode step
-    and resumed unchanged, a generation equals a plain one token for token and logit for logit
-    (the plain one: an eager prefill chunk, then decode graphs of one row)."""
+    and resumed unchanged, a generation equals a plain one token for token and logit for logit.
+    The plain one replays step graphs; a paused step runs the same kernels eagerly over its own
+    tokens, so its token count fills a bucket here: 48 at step 0 (the first turn's last token +
+    47), 1 at a decode step."""
     lm = loaded("tiny-llama", device="cuda", dtype=dtype)
     eng = make_engine(lm)
-    first, ids = prompt(lm, 30, 4), prompt(lm, 37, 5)
+    first, ids = prompt(lm, 30, 4), prompt(lm, 47, 5)
     try:
         plain = eng.open_session("m")
         turn(eng, plain, first, 3, sampled)
