@@ -199,7 +199,10 @@ class DecodeBench:
     def measure(self, p, cfg) -> dict:
         rec = {"config": asdict(cfg), "name": cfg_name(cfg)}
         try:
-            out = self.fns(p, cfg)[0]()
+            # into NaNs: a freshly allocated output could hold a previous config's right answer
+            out = torch.full_like(p["q"], math.nan)
+            tp.paged_decode(p["q"], self.kc, self.vc, p["tables"], p["seqs"][0], p["lens"], self.scale, config=cfg,
+                            out=out)
             err = (out[: p["ref"].shape[0]].float() - p["ref"]).abs().max().item()
             rec["err"] = err
             if not math.isfinite(err) or err > TOL:
@@ -399,7 +402,7 @@ def prefill_model(name, shape, args, device, clock, deadline, candidates) -> dic
             if off + n > n_total:
                 continue
             q = torch.randn(n, H, D, dtype=torch.float16, device=device)
-            q4 = q.transpose(0, 1)[None]
+            q4 = q.transpose(0, 1)[None].contiguous()
             k4, v4 = contiguous(k_all, off + n), contiguous(v_all, off + n)
             mask = causal_lower_right(n, off + n)
             with sdpa_kernel(sdpa_backends):
@@ -419,6 +422,7 @@ def prefill_model(name, shape, args, device, clock, deadline, candidates) -> dic
                 tiles = tp.prefill_tiles([span], [0], [0], device, block_m=cfg.block_m)
                 fn = [lambda: tp.paged_prefill(q, kc, vc, tables, tiles, scale, out=out, config=cfg)]
                 try:
+                    out.fill_(math.nan)      # a config that stores nothing must not pass on stale rows
                     fn[0]()
                     err = (out.float() - ref.float()).abs().max().item()
                     rec["err"] = err
@@ -443,7 +447,7 @@ def prefill_model(name, shape, args, device, clock, deadline, candidates) -> dic
     recompute = {"tokens": n_total, "configs": []}
     qa = torch.randn(n_total, H, D, dtype=torch.float16, device=device)
     k4, v4 = contiguous(k_all, n_total), contiguous(v_all, n_total)
-    q4 = qa.transpose(0, 1)[None]
+    q4 = qa.transpose(0, 1)[None].contiguous()
     with sdpa_kernel(sdpa_backends):
         recompute["sdpa_causal_ms"] = clock.graph([lambda: F.scaled_dot_product_attention(
             q4, k4, v4, is_causal=True, scale=scale)]) / 1e3

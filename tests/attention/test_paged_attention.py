@@ -69,6 +69,23 @@ def test_reference_equals_naive(heads, kv_heads, dim):
     torch.testing.assert_close(out.double(), naive(q, kc, vc, meta.spans, 0.3), atol=1e-5, rtol=1e-5)
 
 
+def test_decode_config_from_table(monkeypatch):
+    """The table is looked up by (head_dim, GQA or not) and entries x kv_heads; shapes it lacks
+    get the heuristic (two programs per SM), and choose_splits agrees with the config."""
+    from djinn.attention import triton_paged as tp
+
+    small, big = tp.DecodeConfig(8, block_n=32, dot=False), tp.DecodeConfig(1, block_n=128, num_warps=8)
+    monkeypatch.setattr(tp, "DECODE_TABLE", {(128, False): ((32, small), (256, big))})
+    cpu = torch.device("cpu")
+    assert tp.decode_config(1, 32, 1, 128, cpu) == small
+    assert tp.decode_config(2, 32, 1, 128, cpu) == big
+    assert tp.decode_config(64, 32, 1, 128, cpu) == big            # past the last bound
+    assert tp.choose_splits(1, 32, cpu, group=1) == 8
+    gqa = tp.decode_config(1, 8, 4, 128, cpu)                        # no GQA rows: the heuristic
+    assert gqa == tp._heuristic(8, 128, cpu) and gqa.splits * 8 >= 2 * tp._sm_count(cpu)
+    assert tp.PREFILL_BLOCK_M == tp.PREFILL_CONFIG.block_m
+
+
 def interpreted_checks() -> None:
     """Run inside a process started with TRITON_INTERPRET=1 (triton reads it at import time)."""
     from djinn.attention import triton_paged as tp

@@ -1,21 +1,25 @@
-"""GPU paged attention: a Triton flash-decoding kernel that reads K/V in place from the pool.
+"""GPU paged attention: Triton kernels that read K/V in place from the pool.
 
 Written for Djinn's layout: a block holds all layers, so one layer's keys are the strided view
 ``pool[:, layer, 0]`` = ``[num_blocks, block_size, kv_heads, D]`` (block stride = all layers' K
-and V of a block). The kernel never copies the context: each program walks its sequence's
+and V of a block). The kernels never copy the context: each program walks its sequence's
 block table and loads key/value tiles straight from the blocks they live in.
 
-Work split (flash-decoding): program ``(t, g, s)`` handles query token ``t``, KV head ``g`` (with
-all ``H / kv_heads`` query heads that share it, as one tile: GQA costs one read of K/V), and
-split ``s`` of the token's context. Splits let a small batch fill the GPU; their partial
-results (normalised output + log-sum-exp) are merged by a second small kernel. The number of
-splits depends only on the number of query tokens (a shape), never on device data, so the
-launch is identical at every replay of a captured CUDA graph; each program derives its range
-from the token's ``kv_len``, read on the device.
+Decode (flash-decoding): program ``(t, g, s)`` handles entry ``t`` (one query row), KV head
+``g`` (with all ``H / kv_heads`` query heads that share it, as one tile: GQA costs one read of
+K/V), and split ``s`` of the row's context. Splits let a small batch fill the GPU; their partial
+results (normalised output + log-sum-exp) are merged by a second small kernel. Each row carries
+its own ``kv_len`` (causality is per row), so the kernel serves decode rows and the rows of
+small prefill chunks alike.
 
-Each query token carries its own ``kv_len`` (causality is per token), so the kernel serves
-decode rows of any batch. Prefill chunks (many tokens of one sequence) go to the reference
-gather + SDPA path, where the attention's own compute dominates the gather.
+Prefill: program ``(tile, h)`` runs flash attention for up to ``block_m`` consecutive rows of one
+chunk and query head ``h``, over the key tiles its rows see (unmasked ones first, then the
+diagonal ones).
+
+Launch configs (splits, tiles, warps, stages) come from ``DECODE_TABLE`` and ``PREFILL_CONFIG``,
+measured by ``benchmarks/scripts/attn_sweep.py``. They depend on shapes only, never on device
+data, so a launch is identical at every replay of a captured CUDA graph; each program derives
+its range from its row's ``kv_len`` (or its tile's row count), read on the device.
 
 ``triton`` is imported on first use only: CPU installs and tests never need it. With
 ``TRITON_INTERPRET=1`` set before first use, the same kernels run on CPU tensors (slowly).
@@ -328,7 +332,7 @@ def decode_config(entries: int, kv_heads: int, group: int, head_dim: int, device
     A function of shapes only: a captured graph and an eager call of one batch size agree."""
     items = entries * kv_heads
     rows = DECODE_TABLE.get((head_dim, group > 1))
-    if not rows or device.type != "cuda":
+    if not rows:
         return _heuristic(items, head_dim, device)
     for bound, cfg in rows:
         if items <= bound:
@@ -339,10 +343,9 @@ def decode_config(entries: int, kv_heads: int, group: int, head_dim: int, device
 def choose_splits(tokens: int, kv_heads: int, device: torch.device, max_splits: int = 16, group: int = 1,
                   head_dim: int = 128) -> int:
     """Splits per (token, KV head) of ``decode_config``; ``max_splits`` caps the heuristic only."""
-    items = tokens * kv_heads
-    if DECODE_TABLE.get((head_dim, group > 1)) and device.type == "cuda":
+    if DECODE_TABLE.get((head_dim, group > 1)):
         return decode_config(tokens, kv_heads, group, head_dim, device).splits
-    return _heuristic(items, head_dim, device, max_splits).splits
+    return _heuristic(tokens * kv_heads, head_dim, device, max_splits).splits
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
