@@ -22,7 +22,7 @@ to the bottom right) on contiguous K/V of the same shape; then the attention of 
 recompute of one layer (chunks in a graph) for every config and chunk size, against one SDPA
 causal call over 16K (transformers' way).
 
-    python benchmarks/scripts/attn_sweep.py [--out FILE.json] [--budget-s 200]
+    python benchmarks/scripts/attn_sweep.py [--out FILE.json] [--budget-s 180]
 
 About 3.5 minutes on an H200; ``--budget-s`` caps the measuring (rounds that do not fit are
 cut and listed). ``--smoke``: tiny shapes on CPU through Triton's interpreter (tests the script).
@@ -514,7 +514,8 @@ def prefill_section(args, device, clock, budget: Budget, seconds: float) -> dict
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attn-sweep-<dev>-<time>.json)")
-    p.add_argument("--budget-s", type=float, default=190.0, help="seconds of measuring after setup")
+    p.add_argument("--budget-s", type=float, default=180.0,
+                   help="seconds of measuring after setup (compiles included); setup and the last rows add ~20 s")
     p.add_argument("--decode-share", type=float, default=0.6, help="share of the budget for decode")
     p.add_argument("--target-ms", type=float, default=12.0, help="GPU time per measurement")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
@@ -544,8 +545,10 @@ def main():
         "bytes read / time, of the HBM copy rate; 'current' = the launch triton_paged picks today, 'best' = "
         "fastest measured at that context, 'table' = the one config per batch the table should hold")
     decode = decode_section(args, device, clock, hbm, budget, args.budget_s * args.decode_share)
+    log(f"(decode done at {budget.now():.0f} s)")
     table = decode_table_text(decode)
     prefill = prefill_section(args, device, clock, budget, max(5.0, budget.left()))
+    log(f"(prefill done at {budget.now():.0f} s)")
     rec_best = {n: m["recompute"]["best"] for n, m in prefill.items()}
     pc = rec_best.get("llama2-7b")
     log("\n== paste into src/djinn/attention/triton_paged.py (from this run)\n" + table)
