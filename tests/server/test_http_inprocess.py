@@ -67,3 +67,33 @@ def test_without_configured_keys_each_key_is_its_own_namespace(app_client):
     a = chat(client, "same words", key="alice").json()["djinn"]["session_id"]
     assert client.get(f"/v1/sessions/{a}", headers={"Authorization": "Bearer bob"}).status_code == 404
     assert client.get(f"/v1/sessions/{a}", headers={"Authorization": "Bearer alice"}).status_code == 200
+
+
+def _streamed(client, body: dict) -> tuple[str, str | None]:
+    import json
+
+    text, finish = "", None
+    with client.stream("POST", "/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                       json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content") or ""
+                    finish = choice["finish_reason"] or finish
+    return text, finish
+
+
+def test_streamed_and_whole_replies_with_a_stop_string_are_equal(app_client):
+    """Regression: the stream sent the first characters of the stop string before stopping."""
+    client, _ = app_client
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 24,
+            "temperature": 0}
+    full = chat(client, "tell me a story", max_tokens=24).json()["choices"][0]["message"]["content"]
+    # a stop string late in the reply, of characters that decode cleanly
+    at = max(i for i in range(1, len(full) - 2) if "\ufffd" not in full[i:i + 3])
+    stop = [full[at:at + 3]]
+    whole = client.post("/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                        json={**body, "stop": stop}).json()["choices"][0]
+    assert whole["finish_reason"] == "stop" and len(whole["message"]["content"]) < len(full)
+    assert _streamed(client, {**body, "stop": stop}) == (whole["message"]["content"], "stop")

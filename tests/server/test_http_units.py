@@ -51,6 +51,48 @@ def test_streamed_content_is_always_a_prefix_of_the_final_content(prefix, calls,
     assert sent + sp.rest(content) == (content or "")
 
 
+def _engine_stream(pieces: list[str], stop: list[str]) -> tuple[list[str], str]:
+    """What the engine does with stop strings: each token's text is streamed (``on_token``)
+    before the stop check, and the reply is cut at the first stop string. Returns the texts
+    the stream sees and the reply's text."""
+    seen, text = [], ""
+    for piece in pieces:
+        text += piece
+        seen.append(text)
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            return seen, text[:min(hits)]
+    return seen, text
+
+
+def test_a_stream_never_sends_a_stop_string_or_its_start():
+    """Regression: with stop ["world"], tokens "Hello", " wor", "ld!" streamed "Hello wo" (the
+    token that completes the stop string was let through less the stop's length - 1)."""
+    seen, final = _engine_stream(["Hello", " wor", "ld!"], ["world"])
+    sp = Splitter(set(), "none", ["world"])
+    sent = "".join(sp.safe(t) for t in seen)
+    assert sent == "Hello " == final
+    assert sent + sp.rest(final) == final
+    sp = Splitter(set(), "none", ["world", "lo w"])
+    # only a tail that may still become a stop string is held: "l", then "lo" may begin "lo w"
+    assert [sp.safe(t) for t in ["Hel", "Hello", "Hello wor"]] == ["He", "l", ""]
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.text(alphabet=st.sampled_from(list("abc <{}\n")), min_size=1, max_size=4), max_size=12),
+       choice=st.sampled_from(["auto", "none"]),
+       stop=st.lists(st.text(alphabet=st.sampled_from(list("abc \n")), min_size=1, max_size=4), max_size=3))
+def test_streamed_and_whole_replies_with_stop_strings_are_equal(pieces, choice, stop):
+    seen, final = _engine_stream(pieces, stop)
+    content, _ = parse(final, NAMES, choice)
+    sp = Splitter(NAMES, choice, stop)
+    sent = ""
+    for text in seen:
+        sent += sp.safe(text)
+        assert (content or "").startswith(sent)
+    assert sent + sp.rest(content) == (content or "")
+
+
 def test_validation_names_what_it_refuses():
     ok = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     req = validate.chat_request(dict(ok, max_completion_tokens=5, stop="x"), None)

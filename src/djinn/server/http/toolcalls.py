@@ -86,15 +86,27 @@ class Splitter:
     def __init__(self, tool_names: set[str], choice: str | dict, stop: list[str]):
         self.parse_tools = choice != "none" and bool(tool_names)
         self.forced = self.parse_tools and choice != "auto"     # required / named: the reply is calls
-        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
+        self.stop = [s for s in stop if s]
         self.emitted = ""
+
+    def before_stop(self, text: str) -> str:
+        """``text`` without what a stop string ends or may still end: cut at the first stop string
+        (as the engine cuts the reply: the token that completes one is streamed, and may carry
+        more text), else without its longest tail that begins a stop string."""
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return text[:min(hits)]
+        for start in range(max(0, len(text) - max((len(s) for s in self.stop), default=0) + 1), len(text)):
+            tail = text[start:]
+            if any(s.startswith(tail) for s in self.stop):
+                return text[:start]
+        return text
 
     def safe(self, text: str) -> str:
         """The new content that can be sent for ``text`` (all output so far)."""
         if text.endswith("\ufffd"):
             text = text[:-1]                  # an incomplete UTF-8 sequence
-        if self.hold:
-            text = text[:max(0, len(text) - self.hold)]
+        text = self.before_stop(text)
         if self.parse_tools:
             if self.forced:
                 return ""
