@@ -97,3 +97,26 @@ def test_streamed_and_whole_replies_with_a_stop_string_are_equal(app_client):
                         json={**body, "stop": stop}).json()["choices"][0]
     assert whole["finish_reason"] == "stop" and len(whole["message"]["content"]) < len(full)
     assert _streamed(client, {**body, "stop": stop}) == (whole["message"]["content"], "stop")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 3}}, "required": ["city"]}}}
+
+
+def test_a_tool_call_cut_by_max_tokens_ends_with_length_and_no_markup(app_client, monkeypatch):
+    """Regression: a forced call cut by max_tokens came back as content "<tool_call>\\n{\"name\"..."."""
+    pytest.importorskip("xgrammar")
+    from djinn.server.http.render import Renderer
+
+    # the tools described in the prompt fill more than tiny-llama's 512-token context: a short prompt
+    monkeypatch.setattr(Renderer, "prompt", lambda self, req: self.encode("<|im_start|>user\nweather<|im_end|>\n"
+                                                                          "<|im_start|>assistant\n"))
+    client, _ = app_client
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 30,
+            "temperature": 0, "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": True}
+    r = client.post("/v1/chat/completions", headers={"Authorization": "Bearer k"}, json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 30
+    assert choice["message"]["content"] is None and "tool_calls" not in choice["message"]
+    assert _streamed(client, {**body, "messages": [{"role": "user", "content": "weather again?"}]}) == ("", "length")

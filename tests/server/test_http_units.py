@@ -39,10 +39,13 @@ def test_parse_hermes_blocks_and_bare_json():
 @given(prefix=st.text(alphabet=st.sampled_from(list("ab <{}\n_\"tool")), max_size=12),
        calls=st.lists(st.sampled_from(["get_weather", "get_time", "rm"]), max_size=2),
        suffix=st.text(alphabet=st.sampled_from(list("xy \n<")), max_size=6),
-       choice=st.sampled_from(["auto", "none", "required"]), stop=st.sampled_from([[], ["ab"], ["tool_c"]]))
-def test_streamed_content_is_always_a_prefix_of_the_final_content(prefix, calls, suffix, choice, stop):
+       choice=st.sampled_from(["auto", "none", "required"]), stop=st.sampled_from([[], ["ab"], ["tool_c"]]),
+       cut=st.one_of(st.none(), st.integers(0, 200)))
+def test_streamed_content_is_always_a_prefix_of_the_final_content(prefix, calls, suffix, choice, stop, cut):
     text = prefix + "".join(call_text(n, '{"city": "x"}') for n in calls) + suffix
-    content, _ = parse(text, NAMES, choice)
+    if cut is not None:                  # max_tokens ended the reply here
+        text = text[:cut]
+    content, _ = parse(text, NAMES, choice, truncated=cut is not None)
     sp = Splitter(NAMES, choice, stop)
     sent = ""
     for i in range(len(text) + 1):
@@ -50,6 +53,18 @@ def test_streamed_content_is_always_a_prefix_of_the_final_content(prefix, calls,
     assert (content or "").startswith(sent)
     assert sent + sp.rest(content) == (content or "")
 
+
+def test_a_call_cut_by_max_tokens_is_neither_a_call_nor_content():
+    """Regression: a reply cut inside a tool call kept the raw markup as content (and, after
+    complete parallel calls, was reported as "tool_calls"; turns.py now says "length")."""
+    done = call_text("get_weather", '{"city": "Paris"}')
+    cut = call_text("get_time", '{"city": "Rome"}')[:30]
+    assert parse("Sure.\n" + cut, NAMES, "auto", truncated=True) == ("Sure.", [])
+    assert parse(done + "\n" + cut, NAMES, "required", truncated=True) == (None, [("get_weather", '{"city": "Paris"}')])
+    assert parse("Let me see. <tool_", NAMES, "auto", truncated=True) == ("Let me see.", [])
+    assert parse('{"name": "get_weather", "argu', NAMES, "required", truncated=True) == (None, [])
+    assert parse("cut mid-sentence", NAMES, "auto", truncated=True) == ("cut mid-sentence", [])
+    assert parse("Sure.\n" + cut, NAMES, "auto")[0] == "Sure.\n" + cut   # a finished reply keeps it as text
 
 def _engine_stream(pieces: list[str], stop: list[str]) -> tuple[list[str], str]:
     """What the engine does with stop strings: each token's text is streamed (``on_token``)

@@ -48,14 +48,22 @@ def _bare(text: str, names: set[str]) -> list[tuple[str, str]] | None:
     return calls if calls and all(calls) else None
 
 
-def parse(text: str, tool_names: set[str], choice: str | dict) -> tuple[str | None, list[tuple[str, str]]]:
-    """(content, [(name, arguments)]) of a finished reply."""
+def parse(text: str, tool_names: set[str], choice: str | dict,
+          truncated: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
+    """(content, [(name, arguments)]) of a finished reply. ``truncated``: generation stopped at
+    ``max_tokens``, so a call still open at the end (its ``<tool_call>`` block unclosed, a bare
+    JSON call unfinished, or the tag itself cut) is a call cut short: it is left out of both
+    the calls and the content, as OpenAI leaves a cut call's text out of ``content``."""
     if choice == "none" or not tool_names:
         return text, []
     stripped = text.strip()
     bare = _bare(stripped, tool_names) if stripped[:1] in "{[" else None
     if bare:
         return None, bare
+    if truncated and stripped[:1] in "{[":
+        return None, []                # a bare JSON call cut short: no text of it is content
+    if truncated:
+        text = _without_cut_tag(text)
     outside, calls, pos = [], [], 0
     while True:
         start = text.find(TOOL_CALL_OPEN, pos)
@@ -63,6 +71,9 @@ def parse(text: str, tool_names: set[str], choice: str | dict) -> tuple[str | No
             outside.append(text[pos:])
             break
         end = text.find(TOOL_CALL_CLOSE, start)
+        if end < 0 and truncated:      # the call max_tokens cut: only the text before it is content
+            outside.append(text[pos:start])
+            break
         inner = text[start + len(TOOL_CALL_OPEN): end if end >= 0 else len(text)]
         try:
             call = _call(json.loads(inner), tool_names)
@@ -76,8 +87,16 @@ def parse(text: str, tool_names: set[str], choice: str | dict) -> tuple[str | No
         if end < 0:
             break
         pos = end + len(TOOL_CALL_CLOSE)
-    content = "".join(outside).strip() if calls else text.strip()
+    content = "".join(outside).strip() if calls or truncated else text.strip()
     return (content or None), calls
+
+
+def _without_cut_tag(text: str) -> str:
+    """``text`` less a tail that is the start of ``<tool_call>`` (the tag itself cut short)."""
+    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-k:]):
+            return text[:-k]
+    return text
 
 
 class Splitter:

@@ -140,7 +140,7 @@ class Frontend:
         before a session waiting on a short tool call, then least recently used."""
         idle = [c for c in self.index.by_id.values()
                 if c is not spare and not c.lock.locked() and (owner is None or c.owner == owner)]
-        return sorted(idle, key=lambda c: (c.finish_reason == "tool_calls", c.last_used))
+        return sorted(idle, key=lambda c: (c.finish_reason == "tool_calls" or bool(c.pending_calls), c.last_used))
 
     async def _room_for_one(self, owner: str, spare: Conversation | None = None) -> None:
         """Close the owner's best idle victims (never ``spare``) until one more session fits."""
@@ -282,9 +282,12 @@ class Frontend:
             finally:
                 self.waiting -= 1
             names = {t["name"] for t in req.tools}
-            content, calls = parse(result.text, names, req.tool_choice)
+            cut = result.finish_reason == "length"
+            content, calls = parse(result.text, names, req.tool_choice, truncated=cut)
             tool_calls = [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=n, arguments=a) for n, a in calls]
-            finish = "tool_calls" if tool_calls else result.finish_reason
+            # why generation stopped, as OpenAI reports it: max_tokens is "length" even when
+            # complete calls came before the one it cut (those are returned, the cut one is not)
+            finish = "length" if cut else "tool_calls" if tool_calls else result.finish_reason
             reply = {"role": "assistant", "content": content or "",
                      "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in tool_calls]}
             if not tool_calls:
