@@ -92,7 +92,7 @@ def _streamed(client, **kw):
 def test_streaming_and_not_give_the_same_text_and_tool_calls(server, tool_choice):
     client = server.client()
     kw = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Weather in Rome, please."}],
-              tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=0, max_tokens=36)
+              tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=0, max_tokens=64)  # calls end by 62
     whole = client.chat.completions.create(**kw)
     text, calls, finish, usage, djinn = _streamed(client, **kw)
     msg = whole.choices[0].message
@@ -110,6 +110,23 @@ def test_streaming_and_not_give_the_same_text_and_tool_calls(server, tool_choice
     if tool_choice != "auto":
         assert finish == "tool_calls" and calls
 
+
+def test_a_parallel_call_cut_by_max_tokens_ends_with_length(server):
+    """Regression: SmolLM2 writes get_weather, then starts get_time when max_tokens (36) cuts it:
+    the reply was finish_reason "tool_calls" with the cut call's raw markup as its content (the
+    Agents SDK showed it as a stray assistant message). Now: "length", no content, the complete
+    call only, streamed or not."""
+    client = server.client()
+    kw = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Weather in Rome, please."}],
+              tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=True, temperature=0, max_tokens=36)
+    whole = client.chat.completions.create(**kw)
+    msg = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 36
+    assert msg.content is None
+    assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [("get_weather", '{"city": "Rome"}')]
+    text, calls, finish, _, _ = _streamed(client, **kw)
+    assert (text, finish) == ("", "length")
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", '{"city": "Rome"}')]
 
 def test_streamed_plain_text_equals_non_streamed(server):
     client = server.client()
