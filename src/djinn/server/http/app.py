@@ -59,9 +59,14 @@ async def read_json(request: Request, limit: int):
         if len(raw) > limit:
             raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
     try:
-        return bytes(raw), json.loads(raw)
+        body = json.loads(raw)
     except ValueError as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the body nests arrays and objects more than {validate.MAX_DEPTH} deep",
+                       code="too_deep") from None
+    validate.check_body(body)
+    return bytes(raw), body
 
 
 def create_app(engine, config=None, journal=None) -> FastAPI:

@@ -57,7 +57,7 @@ CHAT_BODY = {"type": "object", "required": ["model", "messages"], "additionalPro
     "stop": _STOP,
     "max_tokens": {"type": "integer", "minimum": 1, "nullable": True},
     "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
-    "seed": {"type": "integer", "nullable": True},
+    "seed": {"type": "integer", "minimum": -2**63, "maximum": 2**64 - 1, "nullable": True},
     "n": {"type": "integer", "enum": [1]},
     **_SAMPLING,
 }}

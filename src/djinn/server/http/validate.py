@@ -16,6 +16,10 @@ from typing import Any
 from djinn.server.http.errors import bad_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# a seed seeds torch's generator, which takes a signed or an unsigned 64-bit integer
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+MAX_DEPTH = 64            # arrays and objects within each other in a body (a tool's schema is the deepest)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -42,6 +46,35 @@ class ChatRequest:
     include_usage: bool = False
     session: str | None = None            # X-Djinn-Session header or djinn_session body field
     namespace: str | None = None          # prompt_cache_key / user: sessions only match within one
+
+
+def check_body(body: Any) -> None:
+    """400 for a JSON body no field check should have to meet: nested deeper than ``MAX_DEPTH``
+    (prompt rendering, the grammar compiler and ``json`` itself recurse), or a string or key
+    holding an unpaired surrogate (``"\\ud800"`` is valid JSON, but not text: no tokenizer
+    or UTF-8 encoder takes it)."""
+    stack = [(body, 0, "body")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise bad_request(f"{where} holds an unpaired UTF-16 surrogate, which is not text; send valid "
+                                  "Unicode (a \\ud83d\\ude00 pair is fine)", param=None if where == "body" else where,
+                                  code="invalid_unicode")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            raise bad_request(f"the body nests arrays and objects more than {MAX_DEPTH} deep", code="too_deep")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key = f"{where}.{k}" if where != "body" else k
+                if _SURROGATE.search(k):
+                    raise bad_request(f"a field name in {where} holds an unpaired UTF-16 surrogate, which is not text",
+                                      code="invalid_unicode")
+                stack.append((v, depth + 1, key))
+        else:
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(value))
 
 
 def reject_unknown(body: dict, allowed: set[str], off_values: dict[str, tuple]) -> None:
@@ -192,8 +225,8 @@ def sampling(body: dict, max_key: str | tuple = "max_tokens") -> Sampling:
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
         raise bad_request("top_p must be a number in (0, 1]", param="top_p")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad_request("seed must be an integer", param="seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
+        raise bad_request(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]", param="seed")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
