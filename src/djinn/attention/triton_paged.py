@@ -306,16 +306,38 @@ class PrefillConfig:
 
 
 # Decode configs measured by ``benchmarks/scripts/attn_sweep.py`` on one H200 (its JSON under
-# benchmarks/results/attn-sweep-*.json; the script prints these lines, key ``decode_table``).
+# benchmarks/results/attn-sweep-cuda-20261204T1930.json; the script prints these lines, key ``decode_table``).
 # Key: (head_dim, GQA group > 1). Value: (bound, config) pairs by increasing bound, where the
 # bound is entries x kv_heads of a launch; the first bound >= the launch's applies, the last one
 # past every bound. Shapes only, never the context: a captured graph replays one launch for any
 # context, so each entry is the config best over contexts 1K-16K at that batch. Shapes the table
 # lacks get ``_heuristic`` (the kernel's behaviour before the sweep).
-DECODE_TABLE: dict[tuple[int, bool], tuple[tuple[int, DecodeConfig], ...]] = {}
+DECODE_TABLE: dict[tuple[int, bool], tuple[tuple[int, DecodeConfig], ...]] = {
+    # llama2-7b: bound = batch x 32 kv heads
+    (128, False): (
+        (32, DecodeConfig(splits=16, block_n=64, num_warps=4, num_stages=2, dot=True)),
+        (64, DecodeConfig(splits=8, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (128, DecodeConfig(splits=4, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (256, DecodeConfig(splits=2, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (512, DecodeConfig(splits=1, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (1024, DecodeConfig(splits=1, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (2048, DecodeConfig(splits=1, block_n=64, num_warps=4, num_stages=3, dot=True)),
+    ),
+    # mistral-7b: bound = batch x 8 kv heads
+    (128, True): (
+        (8, DecodeConfig(splits=64, block_n=32, num_warps=4, num_stages=2, dot=True)),
+        (16, DecodeConfig(splits=16, block_n=128, num_warps=4, num_stages=3, dot=True)),
+        (32, DecodeConfig(splits=16, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (64, DecodeConfig(splits=8, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (128, DecodeConfig(splits=4, block_n=64, num_warps=4, num_stages=3, dot=True)),
+        (256, DecodeConfig(splits=1, block_n=128, num_warps=4, num_stages=3, dot=True)),
+        (512, DecodeConfig(splits=1, block_n=64, num_warps=4, num_stages=3, dot=True)),
+    ),
+}
 
-# The prefill kernel's tiles, from the same run (key ``prefill_config``); today's until measured.
-PREFILL_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+# The prefill kernel's tiles, from the same run (key ``prefill_config``): a 16K-token recompute's
+# attention took 6.6-6.9 ms a layer in chunks of 512-2048 against 6.38 for one SDPA causal call.
+PREFILL_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 PREFILL_BLOCK_M = PREFILL_CONFIG.block_m     # query rows per prefill tile (graph layouts use it)
 
 
