@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from djinn.attention.base import AttentionBackend, AttentionMetadata
-from djinn.attention.triton_paged import paged_decode, paged_prefill
+from djinn.attention.triton_paged import decode_config, paged_decode, paged_prefill
 
 
 @dataclass
@@ -28,7 +28,7 @@ class StaticStep:
     seqs: torch.Tensor        # [slots]: its row of the block tables
     kv_lens: torch.Tensor     # [slots]: keys it attends to (0: a spare slot)
     tiles: torch.Tensor       # [tiles, 4]: (table row, first query row, rows, first position)
-    splits: int               # splits of the decode kernel (a shape: fixed per graph)
+    expected_rows: int        # real decode rows the launch is tuned for (a shape: fixed per graph)
 
 
 class StaticStepBackend(AttentionBackend):
@@ -42,8 +42,10 @@ class StaticStepBackend(AttentionBackend):
         st: StaticStep = meta.extra["static"]
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         if st.rows.shape[0]:
+            kv_heads = k_cache.shape[2]
+            cfg = decode_config(st.expected_rows, kv_heads, q.shape[1] // kv_heads, q.shape[2], q.device)
             paged_decode(q, k_cache, v_cache, meta.block_tables, st.seqs, st.kv_lens, scale,
-                         num_splits=st.splits, rows=st.rows, out=out)
+                         rows=st.rows, out=out, config=cfg)
         if st.tiles.shape[0]:
             paged_prefill(q, k_cache, v_cache, meta.block_tables, st.tiles, scale, out=out)
         return out

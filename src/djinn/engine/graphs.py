@@ -41,7 +41,7 @@ import torch
 
 from djinn.attention.base import derive
 from djinn.attention.graph_step import StaticStep, StaticStepBackend
-from djinn.attention.triton_paged import PREFILL_BLOCK_M, SMALL_CHUNK, choose_splits
+from djinn.attention.triton_paged import PREFILL_BLOCK_M, SMALL_CHUNK
 from djinn.engine.batch import BatchItem, _enter, batched_mode
 from djinn.memory.blocks import BlockPool
 
@@ -151,7 +151,6 @@ class StepGraphs:
         self._uploaded: torch.cuda.Event | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self._mempool = None
-        self._kv_heads = pool.shape.kv_heads
 
     # ---- static views --------------------------------------------------------------------
     def _view(self, start: int, n: int) -> torch.Tensor:
@@ -162,9 +161,10 @@ class StepGraphs:
         return StaticStep(
             rows=self._view(o.dec_rows, nd), seqs=self._view(o.dec_seq, nd), kv_lens=self._view(o.dec_len, nd),
             tiles=self._view(o.tile, 4 * nt).view(nt, 4),
-            # a shape, fixed per graph: split for ~8 real decode rows (an agents step's usual
-            # count) whatever the bucket; spare slots' programs return at once
-            splits=choose_splits(min(b, 8), self._kv_heads, self.pool.device))
+            # the decode launch (DECODE_TABLE) is a shape, fixed per graph: tuned for every row of
+            # a decode bucket, and for ~8 decode rows (an agents step's usual count) beside the
+            # chunks of a larger bucket; spare slots' programs return at once
+            expected_rows=b if b <= DECODE_BUCKETS[-1] else 8)
 
     # ---- capture --------------------------------------------------------------------
     def _body(self, b: int) -> torch.Tensor:
