@@ -128,6 +128,10 @@ def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(tiny_llama):
                 eng.generate(bad, GenerateRequest([1, 2], SamplingParams(max_new_tokens=n)))
         with pytest.raises(InvalidRequest, match="token ids"):
             eng.generate(bad, GenerateRequest([10**9], greedy(3)))
+        for seed in (2**64, -(2**63) - 1):   # a sampler that failed to build left the session busy
+            with pytest.raises(InvalidRequest, match="seed"):
+                eng.generate(bad, GenerateRequest([1, 2], SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed)))
+        assert len(eng.generate(bad, GenerateRequest([1, 2], greedy(2))).token_ids) == 2
         with pytest.raises(SessionNotFound):
             eng.generate("no-such-session", GenerateRequest([1], greedy(3)))
         eng.close_session(bad)

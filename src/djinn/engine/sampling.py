@@ -29,6 +29,11 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(1 << 63) <= self.seed < (1 << 64)):
+            # checked here, before a turn begins: torch.Generator.manual_seed refuses the rest, and
+            # a Sampler that failed to build once left the session marked busy
+            raise InvalidRequest(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop must be a list of non-empty strings")
 
