@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +92,17 @@ def pytest_sessionfinish(session, exitstatus):
 
     shutdown_all()
 
+
+
+def run_interpreted(target: str, timeout: float = 240) -> None:
+    """Run ``target`` ("tests.module:function") in a fresh process with ``TRITON_INTERPRET=1``
+    (Triton reads it at import time), so the GPU kernels run on CPU tensors; fail with its
+    output if it fails. Skips where Triton is not installed."""
+    pytest.importorskip("triton")
+    module, func = target.split(":")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]))
+    code = f"from {module} import {func}; {func}()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -6,10 +6,6 @@ float16/bfloat16 against the float32 reference on the same inputs."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ import torch
 from djinn.attention.base import SeqSpan, build_metadata
 from djinn.attention.reference import ReferenceBackend
 
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, run_interpreted
 
 BS = 16
 
@@ -147,13 +143,7 @@ def test_triton_kernel_interpreted_equals_naive():
     """The Triton kernels, run by Triton's CPU interpreter (float32 exact-ish, float16, GQA,
     1-4 splits, the launch configs a sweep may pick, rows=/out= with padding entries and
     padding tiles, a mixed batch through the backend)."""
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]))
-    code = "from tests.attention.test_paged_attention import interpreted_checks; interpreted_checks()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_interpreted("tests.attention.test_paged_attention:interpreted_checks", timeout=240)
 
 
 # ---- GPU -----------------------------------------------------------------------------

@@ -3,16 +3,12 @@ oracle): through Triton's interpreter on CPU, compiled on CUDA (gpu-marked)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, run_interpreted
 
 
 def check(device: str, dtype: torch.dtype, atol: float) -> None:
@@ -46,13 +42,7 @@ def interpreted_checks() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
 def test_fused_kernels_interpreted_equal_transformers():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]))
-    code = "from tests.engine.test_fused import interpreted_checks; interpreted_checks()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_interpreted("tests.engine.test_fused:interpreted_checks", timeout=240)
 
 
 @pytest.mark.gpu

@@ -4,16 +4,14 @@ Triton's interpreter. Oracle: transformers' own greedy generate on each prompt a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from djinn.engine.graphs import DEFAULT_BUCKETS, buckets_up_to, decode_slots, tile_slots
 from djinn.attention.triton_paged import PREFILL_BLOCK_M, SMALL_CHUNK
+
+from tests.conftest import run_interpreted
 
 
 def test_bucket_choice_covers_the_largest_step():
@@ -67,10 +65,4 @@ def interpreted_run() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the captured graphs are tested instead")
 def test_step_graph_layout_interpreted_equals_transformers():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]))
-    code = "from tests.engine.test_graphs import interpreted_run; interpreted_run()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=280)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_interpreted("tests.engine.test_graphs:interpreted_run", timeout=280)

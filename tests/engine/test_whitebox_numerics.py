@@ -15,10 +15,6 @@ logit (``torch.equal``). Interventions are checked against transformers with for
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +26,7 @@ from djinn.engine.batch import BatchItem, forward_batch
 from djinn.engine.sampling import Sampler
 from djinn.engine.whitebox_step import BatchedStep, SerialStep
 
-from tests.conftest import loaded
+from tests.conftest import loaded, run_interpreted
 from tests.engine.batching import make
 from tests.engine.test_whitebox import LayerEdit, greedy, hf_greedy, hf_logits, logits_of, prompt
 
@@ -258,10 +254,4 @@ def interpreted_run() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_whitebox_cuda.py runs the compiled kernels")
 def test_a_paused_generation_on_the_gpu_kernels_interpreted_is_bitwise_the_plain_one():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")]))
-    code = "from tests.engine.test_whitebox_numerics import interpreted_run; interpreted_run()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=280)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_interpreted("tests.engine.test_whitebox_numerics:interpreted_run", timeout=280)

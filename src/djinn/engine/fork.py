@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from djinn.engine.session import Phase, Session
+from djinn.engine.session import Session
 from djinn.errors import CapacityError, InvalidRequest
 
 if TYPE_CHECKING:  # pragma: no cover
